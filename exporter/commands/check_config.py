@@ -1,0 +1,27 @@
+"""`portscan-exporter check-config FILE`: validate without starting anything."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from exporter.config import ConfigError, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="configuration file to validate")
+
+
+def run(args: argparse.Namespace) -> int:
+    return check(args.file)
+
+
+def check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    ports = sum(len(host.ports) for host in config.hosts)
+    print(f"{path}: ok ({len(config.hosts)} hosts, {ports} host ports)")
+    return 0
