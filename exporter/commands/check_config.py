@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exporter.config import ConfigError, load_config
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="configuration file to validate")
@@ -17,6 +15,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(path: str) -> int:
+    # Imported here: the CLI loads every command module, and only this one needs YAML.
+    from exporter.config import ConfigError, load_config
+
     try:
         config = load_config(path)
     except ConfigError as exc:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from exporter import eventloop
-from exporter.config import ConfigError, parse_duration
+from exporter.durations import DurationError, parse_duration
 from exporter.model import ScanResult
 from exporter.portsets import PortSetError, resolve_ports
 from exporter.scanner import ScanOptions, raise_fd_limit, scan_host
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             rate=args.rate,
         )
-    except (PortSetError, ConfigError, ValueError) as exc:
+    except (PortSetError, DurationError, ValueError) as exc:
         print(f"portscan-exporter scan: {exc}", file=sys.stderr)
         return 2
     allowed = raise_fd_limit(options.concurrency)
