@@ -259,7 +259,7 @@ def test_cancelled_scan_closes_every_socket() -> None:
     with NetNS() as ns:
         ns.iptables("-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP")
         before, during, after = ns.call(eventloop.run, cancel_midway())
-    assert during > before + 100  # probes were in flight
+    assert during > before + 50  # probes were in flight
     assert after == before
 
 

@@ -45,6 +45,8 @@ from exporter.scanner.timing import DEFAULT_MIN_TIMEOUT, RttEstimator
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 _REFUSED = frozenset({errno.ECONNREFUSED, errno.ECONNRESET})
+_ECONNREFUSED = errno.ECONNREFUSED
+_HELD_WEIGHT = 1 / 32  # of the newest sample in the moving average of slot hold times
 # Transient local shortages: the probe never left this machine, so it is put back in the
 # queue without counting as an attempt, and the window shrinks.
 _LOCAL_SHORTAGE = frozenset(
@@ -53,6 +55,13 @@ _LOCAL_SHORTAGE = frozenset(
 _EPOLL_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _SOL_SOCKET = socket.SOL_SOCKET
+
+
+# The window never drops below this; it grows with the time probes wait for answers.
+MIN_WINDOW = 64
+# Well below what one event loop sustains on loopback (~200,000 probes/s): with a higher
+# target, the loop's own latency would count as waiting and inflate the window.
+PROBES_PER_SECOND = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +112,14 @@ class ConnectScan:
         self._idle: list[_socket.socket] = []  # failed attempts' sockets, reusable
         self._deadlines: list[tuple[float, int, list[_Probe]]] = []
         self._seq = 0
-        self._window = options.concurrency
+        # The window (probes in flight) follows Little's law: the throughput we can drive
+        # times how long a probe holds its slot. Answered probes free their slot at once,
+        # so a host that answers everything needs few (and more only costs kernel time:
+        # every socket in flight is a bound ephemeral port); a host that drops probes holds
+        # each slot for a whole timeout and gets up to `concurrency`.
+        self._held = 0.0  # moving average of the seconds a probe holds its slot
+        self._cap = options.concurrency  # lowered for a while after a local shortage
+        self._window = min(MIN_WINDOW, options.concurrency)
         self._granted = 0
         self._next_send = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -132,10 +148,11 @@ class ConnectScan:
     # -- launching -------------------------------------------------------------------------
 
     def _take_slot(self) -> bool:
+        assert self._budget is not None
         if self._granted:
             self._granted -= 1
             return True
-        if self._budget is None or self._budget.try_acquire():
+        if self._budget.try_acquire():
             return True
         self._budget.wait(self._on_grant)
         return False
@@ -175,8 +192,8 @@ class ConnectScan:
     def _fill(self) -> None:
         # The hot path: one iteration per probe. Locals and a tuple per probe keep the
         # interpreter's share of a full-range scan below the kernel's.
-        queue, inflight, window = self._queue, self._inflight, self._window
-        rate = self._options.rate
+        queue, inflight, window = self._queue, self._inflight, self._update_window()
+        rate, budget = self._options.rate, self._budget
         family, address, tail = self._family, self._address, self._sockaddr_tail
         register, deadlines, idle = self._poller.register, self._deadlines, self._idle
         now = self._loop.time()
@@ -189,7 +206,7 @@ class ConnectScan:
                         self._rate_wait = True
                         self._loop.call_at(self._next_send, self._rate_resume)
                     break
-            if not self._take_slot():
+            if budget is not None and not self._take_slot():
                 break
             if rate:
                 # A few ms of catch-up so timer granularity does not cap the rate.
@@ -255,7 +272,7 @@ class ConnectScan:
         self.local_shortages += 1
         self._queue.appendleft(port)
         # Keep what is in flight going; with nothing in flight, retry shortly.
-        self._window = max(1, len(self._inflight))
+        self._cap = self._window = max(1, len(self._inflight))
         if not self._inflight:
             self._loop.call_later(0.05, self._schedule_fill)
 
@@ -265,16 +282,30 @@ class ConnectScan:
         now = self._loop.time()
         inflight, conclude = self._inflight, self._conclude
         address, tail = self._address, self._sockaddr_tail
+        closed, idle = self.closed, self._idle
+        held, refused, started = self._held, 0, now
         for fd, _events in self._poller.poll(0):
-            port, sock, _ = probe = inflight[fd]
+            port, sock, started = probe = inflight[fd]
             # A second connect() on a finished attempt returns its outcome (and, when the
             # attempt failed, readies the socket for the next port): one syscall instead
             # of getsockopt(SO_ERROR) + close() + socket() + epoll_ctl().
             err = sock.connect_ex((address, port, *tail))
-            if err == errno.EALREADY:  # not finished after all
-                continue
-            del inflight[fd]
-            conclude(probe, err, now)
+            if err == _ECONNREFUSED:
+                # The common case, inlined: a closed port; its socket is reused.
+                del inflight[fd]
+                closed.append(port)
+                idle.append(sock)
+                held += (now - started - held) * _HELD_WEIGHT
+                refused += 1
+            elif err != errno.EALREADY:  # EALREADY: not finished after all
+                del inflight[fd]
+                conclude(probe, err, now)
+        if refused:
+            self._held = held
+            self.rtt.observe(now - started)  # one sample per round is plenty
+            if self._budget is not None:
+                for _ in range(refused):
+                    self._budget.release()
         self._fill()
         self._check_done()
 
@@ -312,8 +343,13 @@ class ConnectScan:
             else:
                 sock.close()
         self._give_back_slot()
-        if self._window < self._options.concurrency:
-            self._window += 1  # regrow after a local shortage shrank it
+        self._held += (now - started - self._held) * _HELD_WEIGHT
+        if self._cap < self._options.concurrency:
+            self._cap += 1  # regrow after a local shortage shrank it
+
+    def _update_window(self) -> int:
+        self._window = min(self._cap, max(MIN_WINDOW, int(self._held * PROBES_PER_SECOND)))
+        return self._window
 
     @staticmethod
     def _connected_to_itself(sock: _socket.socket) -> bool:
