@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC
 
 UNITS: dict[str, float] = {
     "ms": 0.001,
@@ -78,3 +79,26 @@ def format_duration(seconds: float) -> str:
             parts.append(f"{remaining // size}{unit}")
             remaining %= size
     return "".join(parts) or "0s"
+
+
+def parse_point_in_time(value: str, now: float) -> float:
+    """A moment as operators write it in `--since`/`?since=`: a duration ago (`7d`), an
+    RFC 3339 timestamp (`2026-11-20T10:00:00Z`) or unix seconds (`1763632800`)."""
+    text = value.strip()
+    if _NUMBER.fullmatch(text) and float(text) > 1e8:
+        return float(text)
+    try:
+        return now - parse_duration(text)
+    except DurationError:
+        pass
+    from datetime import datetime
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise DurationError(
+            f"{text!r} is not a time (use a duration ago like 7d, RFC 3339 or unix seconds)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

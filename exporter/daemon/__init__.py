@@ -1,0 +1,1 @@
+"""The long-running exporter: scheduler, scan pipeline, snapshot, /metrics and HTTP."""

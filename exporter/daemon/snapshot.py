@@ -1,0 +1,76 @@
+"""The in-memory picture every reader (/metrics, status page, JSON API) works from.
+
+A `Snapshot` is immutable and replaced whole after each finished scan or reload, so a
+scrape reads one consistent picture without locks, SQL or waiting for a scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from exporter.config import HostSpec
+from exporter.state import HostState
+from exporter.store import History
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    spec: HostSpec
+    state: HostState
+    next_scan: float | None  # when it is (or, while scanning, was) due; None: not planned
+    scanning: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.spec.host
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadStatus:
+    successful: bool
+    at: float  # when the last reload attempt (or the start) happened
+    last_success_at: float
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    hosts: tuple[HostView, ...]  # in config order
+    reload: ReloadStatus
+    started_at: float
+    config_path: str
+    ready: bool = False  # state loaded from the store and scheduling running
+    # Counters since start, as Prometheus counters are: (host, result) -> scans finished.
+    scans_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    probes_total: Mapping[str, int] = field(default_factory=dict)
+    _index: Mapping[str, HostView] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {view.host: view for view in self.hosts})
+
+    def host(self, name: str) -> HostView | None:
+        return self._index.get(name)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    successful: bool
+    error: str | None = None
+
+
+class Control(Protocol):
+    """What the HTTP surface may ask of the running daemon."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file; on error keep the running config and say why."""
+
+    async def accept(self, host: str, port: int | None) -> HostState:
+        """Move a learned baseline to the confirmed state; raises AcceptRefused."""
+
+    async def history(self, host: str, since: float, until: float | None) -> History:
+        """Events, timeline intervals and scans of a host from the store."""
