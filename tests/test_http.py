@@ -32,7 +32,13 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.config import ConfigError, HostSpec, load_config
-from exporter.daemon.http import ListenError, build_app, parse_listen_address, start_server
+from exporter.daemon.http import (
+    ListenError,
+    build_app,
+    parse_listen_address,
+    registry_exposition,
+    start_server,
+)
 from exporter.daemon.jsonview import describe_fingerprint, fingerprint_to_json
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
 from exporter.daemon.status_page import ago, short_duration, until
@@ -274,7 +280,11 @@ async def serving(
 ) -> AsyncIterator[str]:
     """The app served for real; yields its base URL on 127.0.0.1."""
     app = build_app(
-        control, registry, telemetry_path=telemetry_path, web_config=web_config, clock=lambda: NOW
+        control,
+        registry_exposition(registry),
+        telemetry_path=telemetry_path,
+        web_config=web_config,
+        clock=lambda: NOW,
     )
     runner = await start_server(app, address, web_config)
     try:
@@ -947,7 +957,7 @@ async def test_address_in_use_is_a_clear_oserror(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        app = build_app(control, registry)
+        app = build_app(control, registry_exposition(registry))
         with pytest.raises(OSError) as caught:
             await start_server(app, f"127.0.0.1:{port}", None)
     assert caught.value.errno == errno.EADDRINUSE
@@ -962,7 +972,7 @@ async def test_an_unloadable_certificate_is_a_clear_oserror(
 ) -> None:
     missing = tmp_path / "gone.crt"
     config = WebConfig(tls_server_config=TLSServerConfig(cert_file=missing, key_file=missing))
-    app = build_app(control, registry, web_config=config)
+    app = build_app(control, registry_exposition(registry), web_config=config)
     with pytest.raises(OSError) as caught:
         await start_server(app, "127.0.0.1:0", config)
     assert str(caught.value) == (
@@ -983,7 +993,7 @@ def _ipv6_available() -> bool:
 async def test_any_address_listens_on_one_port_for_both_families(
     control: LabControl, registry: CollectorRegistry
 ) -> None:
-    app = build_app(control, registry, clock=lambda: NOW)
+    app = build_app(control, registry_exposition(registry), clock=lambda: NOW)
     runner = await start_server(app, ":0", None)
     try:
         addresses = runner.addresses
@@ -998,4 +1008,4 @@ async def test_any_address_listens_on_one_port_for_both_families(
 
 def test_telemetry_path_must_be_absolute(control: LabControl, registry: CollectorRegistry) -> None:
     with pytest.raises(ValueError, match="must start with '/'"):
-        build_app(control, registry, telemetry_path="metrics")
+        build_app(control, registry_exposition(registry), telemetry_path="metrics")

@@ -93,16 +93,16 @@ async def _serve(args: argparse.Namespace, config: Config, web_config: WebConfig
     from prometheus_client.process_collector import ProcessCollector
 
     from exporter.daemon.http import build_app, start_server
-    from exporter.daemon.metrics import SnapshotCollector
+    from exporter.daemon.metrics import SnapshotExposition
     from exporter.daemon.runner import Daemon
 
     log = structlog.get_logger("portscan_exporter")
     daemon = Daemon(config)
-    registry = CollectorRegistry()
-    registry.register(SnapshotCollector(lambda: daemon.snapshot))
+    process = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
-        collector(registry=registry)
-    app = build_app(daemon, registry, telemetry_path=args.telemetry_path, web_config=web_config)
+        collector(registry=process)
+    exposition = SnapshotExposition(lambda: daemon.snapshot, process)
+    app = build_app(daemon, exposition, telemetry_path=args.telemetry_path, web_config=web_config)
     try:
         await daemon.startup()
         runner = await start_server(app, args.listen_address, web_config)

@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 PRODUCT = "portscan-exporter"
+# What /metrics serves: the request's Accept header -> (body, content type).
+Exposition = Callable[[str], tuple[bytes, str]]
 DEFAULT_HISTORY_SINCE = "7d"
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
 MAX_REQUEST_BODY_BYTES = 64 * 1024
@@ -180,13 +182,13 @@ class _Server:
     def __init__(
         self,
         control: Control,
-        registry: prometheus_client.CollectorRegistry,
+        exposition: Exposition,
         telemetry_path: str,
         web_config: WebConfig | None,
         clock: Callable[[], float],
     ) -> None:
         self.control = control
-        self.registry = registry
+        self.exposition = exposition
         self.telemetry_path = telemetry_path
         self.clock = clock
         self.source = None if web_config is None else WebConfigSource(web_config)
@@ -286,15 +288,17 @@ class _Server:
         )
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+        accept = request.headers.get(hdrs.ACCEPT, "")
         compress = _accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING, ""))
-        registry = self.registry
+        exposition = self.exposition
 
-        def render() -> bytes:
-            output: bytes = encoder(registry)
-            return gzip.compress(output, compresslevel=6) if compress else output
+        def render() -> tuple[bytes, str]:
+            output, content_type = exposition(accept)
+            if compress:
+                output = gzip.compress(output, compresslevel=6)
+            return output, content_type
 
-        body = await asyncio.to_thread(render)
+        body, content_type = await asyncio.to_thread(render)
         headers = {hdrs.CONTENT_TYPE: content_type, hdrs.VARY: "Accept, Accept-Encoding"}
         if compress:
             headers[hdrs.CONTENT_ENCODING] = "gzip"
@@ -431,9 +435,20 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
+def registry_exposition(registry: prometheus_client.CollectorRegistry) -> Exposition:
+    """An Exposition of a prometheus_client registry, negotiating the format from Accept."""
+
+    def render(accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        output: bytes = encoder(registry)
+        return output, content_type
+
+    return render
+
+
 def build_app(
     control: Control,
-    registry: prometheus_client.CollectorRegistry,
+    exposition: Exposition,
     *,
     telemetry_path: str = "/metrics",
     web_config: WebConfig | None = None,
@@ -442,7 +457,7 @@ def build_app(
     """The aiohttp application; `start_server` serves it. `clock` is wall-clock seconds."""
     if not telemetry_path.startswith("/"):
         raise ValueError(f"the telemetry path must start with '/', not {telemetry_path!r}")
-    server = _Server(control, registry, telemetry_path, web_config, clock)
+    server = _Server(control, exposition, telemetry_path, web_config, clock)
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_REQUEST_BODY_BYTES)
     app[_SERVER] = server
     router = app.router

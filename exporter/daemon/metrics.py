@@ -1,23 +1,31 @@
-"""The /metrics collector: every series is built per scrape from the current Snapshot.
+"""The /metrics exposition, rendered per scrape from the current Snapshot.
 
-No scan, no SQL and no lock happen at scrape time: the snapshot is an immutable value that
-the daemon replaces after each scan. Per-port series exist only for the ports that matter
-(open now, in the baseline, pending, or with a change in force), so a host scanned on all
-65,535 ports costs a handful of series, not 65,535.
+No scan, no SQL and no lock happen at scrape time: the snapshot is an immutable value the
+daemon replaces after each scan. Per-port series exist only for the ports that matter (open
+now, in the baseline, pending, or with a change in force), so a host scanned on all 65,535
+ports costs a handful of series, not 65,535.
+
+A thousand hosts make some 40,000 samples. prometheus_client formats them one by one on
+every scrape (~0.3 s, several times that while scans compete for the interpreter), so the
+text of each host is rendered here instead, in the Prometheus text format 0.0.4, and kept
+until that host's view changes: the daemon reuses a host's `HostView` object while nothing
+about the host changed, so a scrape formats only the hosts scanned since the last one.
+Prometheus accepts the text format whatever it lists first in `Accept`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter import __version__
-from exporter.daemon.snapshot import Snapshot
+from exporter.daemon.snapshot import HostView, Snapshot
 from exporter.state import RETURN_TO_BASELINE, EventKind, port_statuses
 
-PORT_LABELS = ["host", "port", "protocol"]
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 PENDING_CHANGES = (
     EventKind.PORT_NEW_OPEN.value,
     EventKind.PORT_NOW_CLOSED.value,
@@ -25,133 +33,200 @@ PENDING_CHANGES = (
     RETURN_TO_BASELINE,
 )
 
+# (name, type, help) in exposition order. Per-host families first, then the daemon's own.
+HOST_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("portscan_port_open", "gauge", "Whether the port is open (confirmed state)."),
+    (
+        "portscan_port_expected",
+        "gauge",
+        "Whether the port is in the baseline or expected-open list.",
+    ),
+    (
+        "portscan_port_unexpected_open",
+        "gauge",
+        "A confirmed PORT_NEW_OPEN is in force: open and not in the baseline.",
+    ),
+    (
+        "portscan_port_expected_closed",
+        "gauge",
+        "A confirmed PORT_NOW_CLOSED is in force: in the baseline and not open.",
+    ),
+    (
+        "portscan_port_service_changed",
+        "gauge",
+        "A confirmed PORT_SERVICE_CHANGED is in force: another service than the baseline's.",
+    ),
+    (
+        "portscan_port_change_pending",
+        "gauge",
+        "A change seen on the last scan(s) but not yet confirmed, by kind of change.",
+    ),
+    ("portscan_port_service_info", "gauge", "The service identified on an open port."),
+    (
+        "portscan_port_tls_cert_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter of the TLS certificate served on the port.",
+    ),
+    (
+        "portscan_port_last_change_timestamp_seconds",
+        "gauge",
+        "When the confirmed state of the port last changed.",
+    ),
+    ("portscan_scan_success", "gauge", "Whether the last scan completed and the host answered."),
+    ("portscan_last_scan_timestamp_seconds", "gauge", "End of the last completed scan."),
+    ("portscan_last_scan_duration_seconds", "gauge", "Duration of the last scan."),
+    ("portscan_next_scan_timestamp_seconds", "gauge", "When the next scan is due."),
+    ("portscan_ports_scanned", "gauge", "Ports probed in the last scan."),
+    ("portscan_open_ports", "gauge", "Confirmed open ports."),
+    ("portscan_scan_in_progress", "gauge", "Whether a scan of the host is running."),
+)
+_INDEX = {name: i for i, (name, _, _) in enumerate(HOST_FAMILIES)}
 
-def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"portscan_{name}", doc, labels=labels)
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+def _num(value: float) -> str:
+    # Booleans and ints arrive here too (typing lets them pass as float): 1, 0, 1764150000.25.
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
+        return str(int(value))
+    return repr(value)
+
+
+def _header(name: str, kind: str, doc: str) -> str:
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
+def render_host(view: HostView) -> tuple[str, ...]:
+    """The sample lines of one host, one string per family of HOST_FAMILIES."""
+    parts: list[list[str]] = [[] for _ in HOST_FAMILIES]
+
+    def add(name: str, labels: str, value: float) -> None:
+        parts[_INDEX[name]].append(f"{name}{{{labels}}} {_num(value)}\n")
+
+    host, state = _escape(view.host), view.state
+    for status in port_statuses(state):
+        labels = f'host="{host}",port="{status.port}",protocol="tcp"'
+        add("portscan_port_open", labels, status.open)
+        add("portscan_port_expected", labels, status.expected)
+        add("portscan_port_unexpected_open", labels, status.unexpected_open)
+        add("portscan_port_expected_closed", labels, status.expected_closed)
+        add("portscan_port_service_changed", labels, status.service_changed)
+        for change in PENDING_CHANGES:
+            add(
+                "portscan_port_change_pending",
+                f'{labels},change="{change}"',
+                status.pending == change,
+            )
+        if status.last_change is not None:
+            add("portscan_port_last_change_timestamp_seconds", labels, status.last_change)
+        identity = status.identity
+        if status.open and identity is not None:
+            info = (
+                f'{labels},service="{_escape(identity.service)}",'
+                f'product="{_escape(identity.product)}",version="{_escape(identity.version)}"'
+            )
+            add("portscan_port_service_info", info, 1)
+            # notAfter 0 means the certificate could not be decoded: no expiry to show.
+            if identity.tls is not None and identity.tls.not_after:
+                add(
+                    "portscan_port_tls_cert_expiry_timestamp_seconds",
+                    labels,
+                    identity.tls.not_after,
+                )
+    labels = f'host="{host}"'
+    if view.next_scan is not None:
+        add("portscan_next_scan_timestamp_seconds", labels, view.next_scan)
+    add("portscan_scan_in_progress", labels, view.scanning)
+    add("portscan_open_ports", labels, len(state.confirmed))
+    if state.last_scan is not None:
+        add("portscan_scan_success", labels, state.last_scan.success)
+        add("portscan_last_scan_timestamp_seconds", labels, state.last_scan.finished)
+        add("portscan_last_scan_duration_seconds", labels, state.last_scan.duration_seconds)
+        add("portscan_ports_scanned", labels, state.last_scan.ports_scanned)
+    return tuple("".join(lines) for lines in parts)
+
+
+def _single(name: str, doc: str, value: float, labels: str = "") -> str:
+    sample = f"{name}{{{labels}}}" if labels else name
+    return _header(name, "gauge", doc) + f"{sample} {_num(value)}\n"
+
+
+def _counter(name: str, doc: str, samples: Iterable[tuple[str, float]]) -> str:
+    # The text format names a counter family after its samples, _total included.
+    body = "".join(f"{name}_total{{{labels}}} {_num(value)}\n" for labels, value in samples)
+    return _header(f"{name}_total", "counter", doc) + body
+
+
+class SnapshotExposition:
+    """Renders /metrics. Call it from any thread; each call reads one snapshot."""
+
+    def __init__(
+        self, snapshot: Callable[[], Snapshot], process: CollectorRegistry | None = None
+    ) -> None:
         self._snapshot = snapshot
+        self._process = process  # process_*/python_* collectors, rendered by prometheus_client
+        self._cache: dict[str, tuple[HostView, tuple[str, ...]]] = {}
+        self._lock = threading.Lock()
 
-    def describe(self) -> Iterator[Metric]:
-        # Families are dynamic (per host, per port); an empty describe keeps registration
-        # from calling collect() before the daemon has a snapshot.
-        return iter(())
-
-    def collect(self) -> Iterator[Metric]:
+    def __call__(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type); the text format whatever `accept` prefers."""
         snap = self._snapshot()
-        port_open = _gauge("port_open", "Whether the port is open (confirmed state).", PORT_LABELS)
-        expected = _gauge(
-            "port_expected",
-            "Whether the port is in the baseline or expected-open list.",
-            PORT_LABELS,
+        with self._lock:
+            cache = {}
+            for view in snap.hosts:
+                cached = self._cache.get(view.host)
+                if cached is None or cached[0] is not view:
+                    cached = (view, render_host(view))
+                cache[view.host] = cached
+            self._cache = cache
+        rendered = [parts for _, parts in cache.values()]
+        out = []
+        for i, (name, kind, doc) in enumerate(HOST_FAMILIES):
+            out.append(_header(name, kind, doc))
+            out.extend(parts[i] for parts in rendered)
+        out.append(
+            _counter(
+                "portscan_scans",
+                "Scans finished since start, by result.",
+                (
+                    (f'host="{_escape(host)}",result="{result}"', count)
+                    for (host, result), count in sorted(snap.scans_total.items())
+                ),
+            )
         )
-        unexpected_open = _gauge(
-            "port_unexpected_open",
-            "A confirmed PORT_NEW_OPEN is in force: open and not in the baseline.",
-            PORT_LABELS,
+        out.append(
+            _counter(
+                "portscan_probes_sent",
+                "Connect attempts made since start.",
+                ((f'host="{_escape(host)}"', n) for host, n in sorted(snap.probes_total.items())),
+            )
         )
-        expected_closed = _gauge(
-            "port_expected_closed",
-            "A confirmed PORT_NOW_CLOSED is in force: in the baseline and not open.",
-            PORT_LABELS,
+        reload = snap.reload
+        out.append(
+            _single(
+                "portscan_config_last_reload_successful",
+                "Whether the last configuration reload attempt was successful.",
+                reload.successful,
+            )
         )
-        service_changed = _gauge(
-            "port_service_changed",
-            "A confirmed PORT_SERVICE_CHANGED is in force: another service than the baseline's.",
-            PORT_LABELS,
+        out.append(
+            _single(
+                "portscan_config_last_reload_success_timestamp_seconds",
+                "Timestamp of the last successful configuration reload.",
+                reload.last_success_at,
+            )
         )
-        pending = _gauge(
-            "port_change_pending",
-            "A change seen on the last scan(s) but not yet confirmed, by kind of change.",
-            [*PORT_LABELS, "change"],
+        out.append(
+            _single(
+                "portscan_build_info",
+                "Version of portscan-exporter.",
+                1,
+                f'version="{_escape(__version__)}"',
+            )
         )
-        service_info = _gauge(
-            "port_service_info",
-            "The service identified on an open port.",
-            [*PORT_LABELS, "service", "product", "version"],
-        )
-        cert_expiry = _gauge(
-            "port_tls_cert_expiry_timestamp_seconds",
-            "notAfter of the TLS certificate served on the port.",
-            PORT_LABELS,
-        )
-        last_change = _gauge(
-            "port_last_change_timestamp_seconds",
-            "When the confirmed state of the port last changed.",
-            PORT_LABELS,
-        )
-        success = _gauge(
-            "scan_success", "Whether the last scan completed and the host answered.", ["host"]
-        )
-        last_scan = _gauge(
-            "last_scan_timestamp_seconds", "End of the last completed scan.", ["host"]
-        )
-        duration = _gauge("last_scan_duration_seconds", "Duration of the last scan.", ["host"])
-        next_scan = _gauge("next_scan_timestamp_seconds", "When the next scan is due.", ["host"])
-        scanned = _gauge("ports_scanned", "Ports probed in the last scan.", ["host"])
-        open_ports = _gauge("open_ports", "Confirmed open ports.", ["host"])
-        in_progress = _gauge("scan_in_progress", "Whether a scan of the host is running.", ["host"])
-
-        for view in snap.hosts:
-            host, state = view.host, view.state
-            for status in port_statuses(state):
-                labels = [host, str(status.port), "tcp"]
-                port_open.add_metric(labels, float(status.open))
-                expected.add_metric(labels, float(status.expected))
-                unexpected_open.add_metric(labels, float(status.unexpected_open))
-                expected_closed.add_metric(labels, float(status.expected_closed))
-                service_changed.add_metric(labels, float(status.service_changed))
-                for change in PENDING_CHANGES:
-                    pending.add_metric([*labels, change], float(status.pending == change))
-                if status.last_change is not None:
-                    last_change.add_metric(labels, status.last_change)
-                identity = status.identity
-                if status.open and identity is not None:
-                    service_info.add_metric(
-                        [*labels, identity.service, identity.product, identity.version], 1.0
-                    )
-                    if identity.tls is not None:
-                        cert_expiry.add_metric(labels, identity.tls.not_after)
-            if view.next_scan is not None:
-                next_scan.add_metric([host], view.next_scan)
-            in_progress.add_metric([host], float(view.scanning))
-            open_ports.add_metric([host], float(len(state.confirmed)))
-            if state.last_scan is not None:
-                success.add_metric([host], float(state.last_scan.success))
-                last_scan.add_metric([host], state.last_scan.finished)
-                duration.add_metric([host], state.last_scan.duration_seconds)
-                scanned.add_metric([host], float(state.last_scan.ports_scanned))
-        yield from (port_open, expected, unexpected_open, expected_closed, service_changed)
-        yield from (pending, service_info, cert_expiry, last_change)
-        yield from (success, last_scan, duration, next_scan, scanned, open_ports, in_progress)
-
-        scans = CounterMetricFamily(
-            "portscan_scans", "Scans finished since start, by result.", labels=["host", "result"]
-        )
-        for (host, result), count in sorted(snap.scans_total.items()):
-            scans.add_metric([host, result], float(count))
-        probes = CounterMetricFamily(
-            "portscan_probes_sent", "Connect attempts made since start.", labels=["host"]
-        )
-        for host, count in sorted(snap.probes_total.items()):
-            probes.add_metric([host], float(count))
-        yield scans
-        yield probes
-
-        reload_ok = GaugeMetricFamily(
-            "portscan_config_last_reload_successful",
-            "Whether the last configuration reload attempt was successful.",
-            value=float(snap.reload.successful),
-        )
-        reload_at = GaugeMetricFamily(
-            "portscan_config_last_reload_success_timestamp_seconds",
-            "Timestamp of the last successful configuration reload.",
-            value=snap.reload.last_success_at,
-        )
-        build = GaugeMetricFamily(
-            "portscan_build_info", "Version of portscan-exporter.", labels=["version"]
-        )
-        build.add_metric([__version__], 1.0)
-        yield from (reload_ok, reload_at, build)
+        body = "".join(out).encode()
+        if self._process is not None:
+            body += generate_latest(self._process)
+        return body, CONTENT_TYPE

@@ -394,20 +394,27 @@ class Daemon:
 
     # -- snapshot -----------------------------------------------------------------------------
 
-    def _build_snapshot(self) -> Snapshot:
-        hosts = tuple(
-            HostView(
-                spec=spec,
-                state=self._states.get(spec.host) or HostState.initial(spec.host),
-                # While a scan runs this stays the time it was due: a scan that hangs shows
-                # as overdue (PortscanScanStale) instead of dropping the series.
-                next_scan=self._due.get(spec.host),
-                scanning=spec.host in self._running,
-            )
-            for spec in self._config.hosts
-        )
+    def _build_snapshot(self, previous: Snapshot | None = None) -> Snapshot:
+        hosts = []
+        for spec in self._config.hosts:
+            host = spec.host
+            state = self._states.get(host) or HostState.initial(host)
+            # While a scan runs this stays the time it was due: a scan that hangs shows as
+            # overdue (PortscanScanStale) instead of dropping the series.
+            due, scanning = self._due.get(host), host in self._running
+            view = previous.host(host) if previous is not None else None
+            # An unchanged host keeps its view object: /metrics re-renders only new ones.
+            if (
+                view is None
+                or view.spec is not spec
+                or view.state is not state
+                or view.next_scan != due
+                or view.scanning != scanning
+            ):
+                view = HostView(spec=spec, state=state, next_scan=due, scanning=scanning)
+            hosts.append(view)
         return Snapshot(
-            hosts=hosts,
+            hosts=tuple(hosts),
             reload=self._reload,
             started_at=self._started_at,
             config_path=str(Path(self._config.path)),
@@ -417,4 +424,4 @@ class Daemon:
         )
 
     def _publish(self) -> None:
-        self._snapshot = self._build_snapshot()
+        self._snapshot = self._build_snapshot(self._snapshot)
