@@ -11,6 +11,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +269,44 @@ def test_bad_reload_keeps_running_config_and_promtool_is_silent(
     history = daemon.json(f"/api/v1/history?host={HOST}&since=1h")
     assert history["scans"]
     assert json.dumps(history)
+
+
+@requires_netns
+def test_cli_accept_while_running_and_history(
+    lab: tuple[NetNS, Listeners, DaemonProcess],
+) -> None:
+    ns, listeners, daemon = lab
+    daemon.start()
+    scrape = daemon.wait_for_scan(HOST, 0)
+    listeners.open(NEW)
+    while scrape.port("portscan_port_unexpected_open", HOST, NEW) != 1:
+        scrape = next_scan(daemon, scrape)
+
+    cli = [sys.executable, "-m", "exporter"]
+    config = str(daemon.config)
+    accepted = ns.run(*cli, "baseline", "accept", "--host", HOST, "--port", str(NEW),
+                      "--config", config)  # fmt: skip
+    assert f"baseline of port {NEW} of {HOST} accepted" in accepted.stdout
+    # The daemon picks the other process's write up without a restart.
+    daemon.wait_until(
+        lambda: daemon.scrape().port("portscan_port_unexpected_open", HOST, NEW) == 0,
+        what="the accepted port to stop alerting",
+    )
+    scrape = next_scan(daemon, daemon.scrape())
+    assert scrape.port("portscan_port_expected", HOST, NEW) == 1
+    assert scrape.port("portscan_port_unexpected_open", HOST, NEW) == 0
+
+    table = ns.run(*cli, "history", "--host", HOST, "--since", "1h", "--config", config)
+    assert f"{NEW}/tcp" in table.stdout and "PORT_NEW_OPEN" in table.stdout
+    assert "BASELINE_ACCEPTED" in table.stdout
+    out = json.loads(
+        ns.run(*cli, "history", "--host", HOST, "--format", "json", "--config", config).stdout
+    )
+    assert any(e["port"] == NEW and e["event"] == "PORT_NEW_OPEN" for e in out["events"])
+    assert {iv["port"] for iv in out["intervals"]} >= {*BASELINE, NEW}
+
+    unknown = ns.run(*cli, "history", "--host", "192.0.2.1", "--config", config, check=False)
+    assert unknown.returncode == 1 and "192.0.2.1" in unknown.stderr
+    refused = ns.run(*cli, "baseline", "accept", "--host", "192.0.2.1", "--config", config,
+                     check=False)  # fmt: skip
+    assert refused.returncode == 1 and "192.0.2.1" in refused.stderr

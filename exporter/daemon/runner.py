@@ -248,6 +248,9 @@ class Daemon:
             spec, self._clock(), confirming=transition.needs_confirmation
         )
         for event in transition.events:
+            if event.port is None:  # host-wide bookkeeping: baseline learned or accepted
+                log.info(event.kind.value.lower().replace("_", " "), host=event.host)
+                continue
             log.warning(
                 "change resolved" if event.resolved else "change confirmed",
                 host=event.host,
