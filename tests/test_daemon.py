@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -269,6 +270,15 @@ def test_bad_reload_keeps_running_config_and_promtool_is_silent(
     history = daemon.json(f"/api/v1/history?host={HOST}&since=1h")
     assert history["scans"]
     assert json.dumps(history)
+
+    # SIGHUP reloads too: a host added to the file gets scanned.
+    daemon.config.write_text(daemon.config.read_text() + "  - host: 127.0.0.5\n")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_until(
+        lambda: daemon.scrape().value("portscan_scan_success", host="127.0.0.5") == 1,
+        what="the host added by SIGHUP to be scanned",
+    )
 
 
 @requires_netns

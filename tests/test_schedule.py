@@ -1,0 +1,80 @@
+"""When hosts are scanned: first scans, missed scans after downtime, jitter, confirmations."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from exporter.config import HostSpec, ScanSettings, parse_config
+from exporter.daemon.schedule import FIRST_SCAN_SPREAD_SECONDS, Planner
+
+HOUR = 3600.0
+NOW = 1_800_000_000.0
+
+
+def spec(interval: float = HOUR, confirm_after: float = 300.0) -> HostSpec:
+    config = parse_config(
+        f"defaults:\n  interval: {interval}s\n  confirm_after: {confirm_after}s\n"
+        "targets:\n  - 192.0.2.1\n",
+        "c.yaml",
+    )
+    return config.hosts[0]
+
+
+def planner(fraction: float | None = 0.1, seconds: float | None = None) -> Planner:
+    settings = ScanSettings(
+        max_concurrent_hosts=4,
+        max_probes=4096,
+        jitter_fraction=fraction,
+        jitter_seconds=seconds,
+        max_cidr_hosts=65536,
+    )
+    return Planner(settings, random.Random(7))
+
+
+@pytest.mark.parametrize(
+    ("last_finished", "earliest", "latest"),
+    [
+        # Never scanned: soon, spread over at most FIRST_SCAN_SPREAD_SECONDS.
+        (None, NOW, NOW + FIRST_SCAN_SPREAD_SECONDS),
+        # Scanned 10 minutes ago with a 1 h interval: due 50 minutes from now.
+        (NOW - 600, NOW + HOUR - 600, NOW + HOUR - 600),
+        # Down for 3 days: one scan soon, not 72 catch-up scans.
+        (NOW - 3 * 86400, NOW, NOW + FIRST_SCAN_SPREAD_SECONDS),
+    ],
+)
+def test_first_due(last_finished: float | None, earliest: float, latest: float) -> None:
+    p = planner()
+    for _ in range(50):
+        due = p.first_due(spec(), last_finished, NOW)
+        assert earliest <= due <= latest
+
+
+def test_next_due_is_interval_with_jitter_and_confirmation_is_early() -> None:
+    p = planner(fraction=0.1)
+    dues = [p.next_due(spec(), NOW, confirming=False) - NOW for _ in range(200)]
+    assert all(HOUR - 180 <= d <= HOUR + 180 for d in dues)  # 10% of 1 h, centred
+    assert max(dues) - min(dues) > 200  # hosts that started together drift apart
+    assert p.next_due(spec(), NOW, confirming=True) == NOW + 300
+
+
+@pytest.mark.parametrize(
+    ("fraction", "seconds", "interval", "span"),
+    [
+        (0.1, None, HOUR, 360.0),
+        (None, 30.0, HOUR, 30.0),
+        (None, 0.0, HOUR, 0.0),
+        (None, 7200.0, HOUR, HOUR / 2),  # never more than half the interval
+    ],
+)
+def test_jitter_span(
+    fraction: float | None, seconds: float | None, interval: float, span: float
+) -> None:
+    assert planner(fraction, seconds).jitter_span(spec(interval)) == pytest.approx(span)
+
+
+def test_no_jitter_is_exact() -> None:
+    p = planner(fraction=None, seconds=0.0)
+    assert p.next_due(spec(), NOW, confirming=False) == NOW + HOUR
+    assert p.first_due(spec(), None, NOW) == NOW
