@@ -717,17 +717,22 @@ def parse_config(text: str, path: str | Path) -> Config:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a configuration file. Raises ConfigError."""
+def read_config_file(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple[str, str]:
+    """(path as shown in messages, text) of a YAML file; `error` says why it cannot be read."""
     shown = os.fspath(path)
     try:
         with open(shown, encoding="utf-8-sig") as source:
-            text = source.read()
+            return shown, source.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror or exc}", path=shown) from None
+        raise error(f"cannot read: {exc.strerror or exc}", path=shown) from None
     except UnicodeDecodeError as exc:
         line = exc.object.count(b"\n", 0, exc.start) + 1
-        raise ConfigError("not valid UTF-8", path=shown, line=line) from None
+        raise error("not valid UTF-8", path=shown, line=line) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file. Raises ConfigError."""
+    shown, text = read_config_file(path)
     return parse_config(text, shown)
 
 

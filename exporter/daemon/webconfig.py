@@ -37,7 +37,7 @@ import bcrypt
 import yaml
 from yaml.constructor import SafeConstructor
 
-from exporter.config import ConfigError
+from exporter.config import ConfigError, read_config_file
 from exporter.durations import DurationError, parse_duration
 
 __all__ = [
@@ -581,15 +581,7 @@ def parse_web_config(text: str, path: str | Path) -> WebConfig:
 
 def load_web_config(path: str | Path) -> WebConfig:
     """Read and validate a web configuration file. Raises WebConfigError."""
-    shown = os.fspath(path)
-    try:
-        with open(shown, encoding="utf-8-sig") as source:
-            text = source.read()
-    except OSError as exc:
-        raise WebConfigError(f"cannot read: {exc.strerror or exc}", path=shown) from None
-    except UnicodeDecodeError as exc:
-        line = exc.object.count(b"\n", 0, exc.start) + 1
-        raise WebConfigError("not valid UTF-8", path=shown, line=line) from None
+    shown, text = read_config_file(path, WebConfigError)
     return parse_web_config(text, shown)
 
 
