@@ -428,3 +428,35 @@ def test_nmap_path_is_optional(tmp_path: Path) -> None:
     assert load_signatures(FingerprintOptions()) is SignatureDB.builtin()
     with pytest.raises(OSError):
         load_signatures(FingerprintOptions(nmap_service_probes=tmp_path / "missing"))
+
+
+def test_certificate_names_are_sanitized() -> None:
+    """Subject, issuer and SANs are the remote side's text: no control characters pass."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from exporter.fingerprint.tls import certificate_info
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "evil\n\x1b[31mred\x07")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("a\nb\x1b[2J")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    info = certificate_info(cert.public_bytes(serialization.Encoding.DER), "TLSv1.3")
+    for text in (info.subject, info.issuer, *info.sans):
+        assert text.isprintable(), text
+    assert info.subject == "CN=evil\\n\\x1b[31mred\\x07"
+    assert info.sans == ("a\\nb\\x1b[2J",)

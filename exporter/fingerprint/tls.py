@@ -17,6 +17,11 @@ from functools import cache
 from cryptography import x509
 
 from ..model import TLSInfo
+from .sanitize import sanitize
+
+# Names in a certificate are chosen by whoever runs the port: they reach terminals, the
+# status page and the store, so they are sanitized like banners, with a cap per name.
+NAME_LIMIT = 512
 
 # Service names for "X inside TLS" that people already use (IANA / nmap names).
 _TLS_SERVICE_NAMES = {
@@ -78,7 +83,7 @@ def sni_name(server_name: str | None) -> str | None:
 
 def _name(value: x509.Name) -> str:
     try:
-        return value.rfc4514_string()
+        return sanitize(value.rfc4514_string(), NAME_LIMIT)
     except ValueError:
         return ""
 
@@ -93,7 +98,7 @@ def _sans(cert: x509.Certificate) -> tuple[str, ...]:
         if isinstance(general, x509.IPAddress):
             names.append(str(general.value))
         elif isinstance(general, x509.DNSName | x509.RFC822Name | x509.UniformResourceIdentifier):
-            names.append(general.value)
+            names.append(sanitize(general.value, NAME_LIMIT))
     return tuple(names)
 
 
