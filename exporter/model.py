@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class PortState(enum.StrEnum):
@@ -62,8 +68,20 @@ class TLSInfo:
     subject: str  # RFC 4514 string, e.g. "CN=www.example.org"
     issuer: str
     sans: tuple[str, ...]
-    not_after: float  # seconds since the epoch
+    not_after: float  # seconds since the epoch; 0 when the certificate could not be decoded
     sha256: str  # lower-case hex of the DER certificate's SHA-256
+
+    def to_json(self) -> dict[str, Any]:
+        known = self.not_after > 0
+        return {
+            "protocol": self.protocol,
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "sans": list(self.sans),
+            "not_after": self.not_after if known else None,
+            "not_after_rfc3339": rfc3339(self.not_after) if known else None,
+            "sha256": self.sha256,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +104,17 @@ class ServiceIdentity:
     def fingerprint(self) -> str:
         cert = self.tls.sha256 if self.tls is not None else ""
         return "|".join((self.service, self.product, self.version, cert))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "product": self.product,
+            "version": self.version,
+            "extra": self.extra,
+            "banner": self.banner,
+            "tls": None if self.tls is None else self.tls.to_json(),
+            "fingerprint": self.fingerprint,
+        }
 
 
 UNKNOWN_SERVICE = ServiceIdentity(service="unknown")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 
@@ -14,7 +12,6 @@ import pytest
 
 from exporter import eventloop
 from exporter.model import PortState, ScanResult
-from exporter.portsets import top_ports
 from exporter.scanner import ProbeBudget, ScanOptions, raise_fd_limit, scan_host
 from exporter.scanner.timing import RttEstimator
 from tests.lab import NetNS, listeners, requires_netns
@@ -271,35 +268,3 @@ def test_rate_limit_paces_probes() -> None:
         elapsed = time.monotonic() - started
     assert len(result.closed) == 200
     assert elapsed >= 0.4  # 200 probes at 400/s cannot take less than half a second
-
-
-@requires_netns
-def test_scan_command_json() -> None:
-    with NetNS() as ns, listeners(ns, [22, 8080]):
-        proc = ns.run(
-            sys.executable, "-m", "exporter", "scan", "127.0.0.1",
-            "--ports", "top100,8000-8100", "--format", "json",
-        )  # fmt: skip
-    out = json.loads(proc.stdout)
-    assert out["host"] == "127.0.0.1" and out["address"] == "127.0.0.1"
-    assert out["answered"] is True
-    assert out["ports_scanned"] == len(set(top_ports(100)) | set(range(8000, 8101)))
-    assert out["ports"] == [
-        {"port": 22, "protocol": "tcp", "state": "open"},
-        {"port": 8080, "protocol": "tcp", "state": "open"},
-    ]
-    assert isinstance(out["duration_seconds"], float)
-
-
-@requires_netns
-def test_scan_command_errors_are_one_line() -> None:
-    with NetNS() as ns:
-        bad_ports = ns.run(
-            sys.executable, "-m", "exporter", "scan", "127.0.0.1", "--ports", "top10000",
-            check=False,
-        )  # fmt: skip
-        bad_name = ns.run(sys.executable, "-m", "exporter", "scan", "x.invalid", check=False)
-    assert bad_ports.returncode == 2
-    assert bad_ports.stderr.count("\n") == 1 and "top10000" in bad_ports.stderr
-    assert bad_name.returncode == 1
-    assert bad_name.stderr.count("\n") == 1 and "x.invalid" in bad_name.stderr

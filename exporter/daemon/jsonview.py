@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.daemon.snapshot import HostView
-from exporter.model import ServiceIdentity, TLSInfo
 from exporter.state import HostState, Pending, host_status, port_statuses
 from exporter.store import History, Interval, ScanRecord, StoredEvent
 
@@ -20,31 +19,7 @@ __all__ = [
     "fingerprint_to_json",
     "history_to_json",
     "host_to_json",
-    "identity_to_json",
 ]
-
-
-def tls_to_json(tls: TLSInfo) -> dict[str, Any]:
-    return {
-        "protocol": tls.protocol,
-        "subject": tls.subject,
-        "issuer": tls.issuer,
-        "sans": list(tls.sans),
-        "not_after": tls.not_after,
-        "sha256": tls.sha256,
-    }
-
-
-def identity_to_json(identity: ServiceIdentity) -> dict[str, Any]:
-    return {
-        "service": identity.service,
-        "product": identity.product,
-        "version": identity.version,
-        "extra": identity.extra,
-        "banner": identity.banner,
-        "tls": None if identity.tls is None else tls_to_json(identity.tls),
-        "fingerprint": identity.fingerprint,
-    }
 
 
 def _split_fingerprint(fingerprint: str) -> tuple[str, str, str, str]:
@@ -88,7 +63,7 @@ def _pending_to_json(pending: Pending, confirmations: int) -> dict[str, Any]:
         "first_seen": pending.first_seen,
         "last_seen": pending.last_seen,
         "service": fingerprint_to_json(pending.target.service),
-        "observed": None if observed is None else identity_to_json(observed),
+        "observed": None if observed is None else observed.to_json(),
     }
 
 
@@ -104,7 +79,7 @@ def _ports_to_json(state: HostState, confirmations: int) -> list[dict[str, Any]]
                 "protocol": "tcp",
                 "open": status.open,
                 "expected": status.expected,
-                "identity": None if identity is None else identity_to_json(identity),
+                "identity": None if identity is None else identity.to_json(),
                 "baseline": fingerprint_to_json(state.baseline.get(status.port)),
                 "change": None
                 if change is None

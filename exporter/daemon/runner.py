@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import random
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import structlog
 from exporter.config import Config, ConfigError, HostSpec, load_config
 from exporter.daemon.schedule import Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
-from exporter.fingerprint import FingerprintOptions, SignatureDB, identify_ports, load_signatures
+from exporter.fingerprint import FingerprintOptions, SignatureDB, identify_scanned, load_signatures
 from exporter.model import HostScan, ServiceIdentity
 from exporter.scanner import ProbeBudget, ScanOptions, raise_fd_limit, scan_host
 from exporter.state import HostState, Transition, reconfigure, scan_outcome, step
@@ -44,14 +43,6 @@ log = structlog.get_logger("portscan_exporter")
 # How often states written by other processes (`baseline accept`) are picked up.
 POLL_STORE_SECONDS = 5.0
 PRUNE_EVERY_SECONDS = 86400.0
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Daemon:
@@ -199,6 +190,7 @@ class Daemon:
 
     def _scan_done(self, host: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(host, None)
+        self._publish()  # scan_in_progress back to 0
         self._wake.set()
 
     def _spec(self, host: str) -> HostSpec | None:
@@ -225,13 +217,11 @@ class Daemon:
         )
         result = await scan_host(spec.host, spec.ports, options, budget=self._budget)
         services: dict[int, ServiceIdentity] = {}
-        if result.ok and result.open and self._signatures is not None:
-            services = await identify_ports(
-                result.address or spec.host,
-                result.open,
+        if self._signatures is not None:
+            services = await identify_scanned(
+                result,
                 db=self._signatures,
                 options=self._fingerprint_options,
-                server_name=None if _is_ip(spec.host) else spec.host,
                 limiter=self._identify_limit,
             )
         host_scan = HostScan(scan=result, services=services)

@@ -19,6 +19,7 @@ from .engine import (
     identify_port_detailed,
     identify_ports,
     identify_ports_detailed,
+    identify_scanned,
     load_signatures,
 )
 from .sanitize import sanitize
@@ -35,6 +36,7 @@ __all__ = [
     "identify_port_detailed",
     "identify_ports",
     "identify_ports_detailed",
+    "identify_scanned",
     "load_signatures",
     "sanitize",
     "tls_service_name",

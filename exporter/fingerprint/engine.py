@@ -23,13 +23,14 @@ Nothing here raises for a misbehaving port: the result is then an "unknown" iden
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model import ServiceIdentity, TLSInfo
+from ..model import ScanResult, ServiceIdentity, TLSInfo
 from . import starttls
 from .connection import Budget, BudgetExhausted, Connection, Dialer, Response, default_dialer
 from .sanitize import sanitize
@@ -493,3 +494,35 @@ async def identify_ports(
         limiter=limiter,
     )
     return {port: result.identity for port, result in results.items()}
+
+
+async def identify_scanned(
+    result: ScanResult,
+    *,
+    db: SignatureDB,
+    options: FingerprintOptions,
+    limiter: asyncio.Semaphore | None = None,
+) -> dict[int, ServiceIdentity]:
+    """The services on the open ports of a finished scan ({} when it failed or found none).
+
+    A host scanned by name has that name sent as SNI and in the HTTP Host header, so name-
+    based virtual hosts answer as they do for their users.
+    """
+    if not result.ok or not result.open:
+        return {}
+    return await identify_ports(
+        result.address or result.host,
+        result.open,
+        db=db,
+        options=options,
+        server_name=None if _is_ip(result.host) else result.host,
+        limiter=limiter,
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
