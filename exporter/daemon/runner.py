@@ -54,6 +54,7 @@ class Daemon:
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
+        self._specs = {spec.host: spec for spec in config.hosts}
         self._clock = clock
         self._planner = Planner(config.scan, rng or random.Random())
         self._store: Store | None = None
@@ -143,7 +144,7 @@ class Daemon:
                 await self._prune(store, now)
                 next_prune = now + PRUNE_EVERY_SECONDS
             self._start_due_scans(now)
-            idle_until = min([next_poll, next_prune, *self._waiting_due_times()])
+            idle_until = min([next_poll, next_prune, *self._next_startable()])
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, idle_until - now))
@@ -168,7 +169,11 @@ class Daemon:
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def _waiting_due_times(self) -> list[float]:
+    def _next_startable(self) -> list[float]:
+        """Due times worth waking for: none while every scan slot is taken (a finishing
+        scan wakes the loop), else those of the hosts not being scanned."""
+        if len(self._running) >= self._config.scan.max_concurrent_hosts:
+            return []
         return [due for host, due in self._due.items() if host not in self._running]
 
     def _start_due_scans(self, now: float) -> None:
@@ -194,7 +199,7 @@ class Daemon:
         self._wake.set()
 
     def _spec(self, host: str) -> HostSpec | None:
-        return next((spec for spec in self._config.hosts if spec.host == host), None)
+        return self._specs.get(host)
 
     # -- one scan ---------------------------------------------------------------------------
 
@@ -324,6 +329,7 @@ class Daemon:
         if config.fingerprint.concurrency != self._config.fingerprint.concurrency:
             self._identify_limit = asyncio.Semaphore(config.fingerprint.concurrency)
         self._config = config
+        self._specs = {spec.host: spec for spec in config.hosts}
         self._states = states
         self._due = due
         self._signatures = signatures
