@@ -9,18 +9,13 @@ where it should. No Grafana is needed: template variables are substituted the wa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.prometheus_lab import Prom, missing_binaries_reason, run_prometheus, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -480,55 +477,11 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         pass
 
 
-@dataclass
-class Prom:
-    base: str
-
-    def get(self, path: str, **params: str) -> Any:
-        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            doc = json.loads(response.read())
-        assert doc["status"] == "success", doc
-        return doc["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """An instant query; fails with Prometheus' message when it does not parse or run."""
-        try:
-            data = self.get("/api/v1/query", query=expr)
-        except urllib.error.HTTPError as err:
-            raise AssertionError(f"{err}: {err.read().decode()}\n{expr}") from None
-        assert data["resultType"] in {"vector", "scalar"}, expr
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def query_range(self, expr: str, seconds: int) -> list[dict[str, Any]]:
-        end = time.time()
-        try:
-            data = self.get(
-                "/api/v1/query_range",
-                query=expr,
-                start=f"{end - seconds:.3f}",
-                end=f"{end:.3f}",
-                step=str(2 * SCRAPE_INTERVAL),
-            )
-        except urllib.error.HTTPError as err:
-            raise AssertionError(f"{err}: {err.read().decode()}\n{expr}") from None
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-
-def _wait(what: str, check: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (Debian package prometheus)")
+    reason = missing_binaries_reason()
+    if reason is not None:
+        pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("prometheus")
     handler = type("Handler", (_MetricsHandler,), {"body": fleet_exposition(time.time()).encode()})
     exporter = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -546,53 +499,15 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom]:
             }
         ],
     }
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    proc: subprocess.Popen[bytes] | None = None
-    log_path = tmp / "prometheus.log"
     try:
-        for _attempt in range(3):  # the free port may be taken between probe and bind
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen(
-                    [
-                        binary,
-                        f"--config.file={tmp / 'prometheus.yml'}",
-                        f"--storage.tsdb.path={tmp / 'data'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            prom = Prom(f"http://127.0.0.1:{port}")
-
-            def ready(proc: subprocess.Popen[bytes] = proc, prom: Prom = prom) -> bool:
-                if proc.poll() is not None:
-                    return True
-                with contextlib.suppress(OSError):
-                    urllib.request.urlopen(f"{prom.base}/-/ready", timeout=1).close()
-                    return True
-                return False
-
-            _wait("prometheus to start", ready)
-            if proc.poll() is None:
-                break
-        assert proc is not None and proc.poll() is None, log_path.read_text()
-        # Range queries and rates want a few samples, and the rules one evaluation after them.
-        _wait(
-            "three scrapes",
-            lambda: bool(prom.query('count_over_time(up{job="portscan"}[1m]) >= 3')),
-        )
-        yield prom
+        with run_prometheus(tmp, config) as prom:
+            # Range queries and rates want a few samples, and the rules one evaluation after them.
+            wait_for(
+                "three scrapes",
+                lambda: bool(prom.query('count_over_time(up{job="portscan"}[1m]) >= 3')),
+            )
+            yield prom
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         exporter.shutdown()
         exporter.server_close()
 
@@ -731,7 +646,7 @@ def test_rules_evaluate_cleanly_and_fire_where_expected(prometheus: Prom) -> Non
             if a["state"] == "firing"
         }
 
-    _wait("the alerts", lambda: firing() >= EXPECTED_ALERTS, seconds=20)
+    wait_for("the alerts", lambda: firing() >= EXPECTED_ALERTS, seconds=20)
     assert firing() == EXPECTED_ALERTS
     groups = prometheus.get("/api/v1/rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]
