@@ -79,13 +79,15 @@ class NetNS:
                 os.kill(int(pid), 9)
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ip", "netns", "exec", self.name, *cmd],
             check=check,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         )
 
     def spawn(self, *cmd: str, **kwargs: Any) -> subprocess.Popen[bytes]:
