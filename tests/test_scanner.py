@@ -268,3 +268,17 @@ def test_rate_limit_paces_probes() -> None:
         elapsed = time.monotonic() - started
     assert len(result.closed) == 200
     assert elapsed >= 0.4  # 200 probes at 400/s cannot take less than half a second
+
+
+@requires_netns
+def test_address_that_can_never_be_probed_fails_the_scan_quickly() -> None:
+    """connect() to ::1 with IPv6 disabled says EADDRNOTAVAIL forever: no endless retry."""
+    with NetNS() as ns:
+        ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        ns.run("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1")
+        started = time.monotonic()
+        result = scan_in(ns, "::1", range(1, 11))
+        elapsed = time.monotonic() - started
+    assert not result.ok and not result.answered
+    assert result.error is not None and "::1" in result.error
+    assert elapsed < 10

@@ -31,6 +31,7 @@ import _socket
 import asyncio
 import errno
 import heapq
+import os
 import select
 import socket
 import struct
@@ -57,6 +58,10 @@ _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _SOL_SOCKET = socket.SOL_SOCKET
 
 
+# Retrying a local shortage (no descriptors, no ephemeral ports) with nothing in flight:
+# every 50 ms for at most 2 s, then the scan fails instead of waiting forever.
+STALL_RETRY_SECONDS = 0.05
+MAX_STALLS = 40
 # The window never drops below this; it grows with the time probes wait for answers.
 MIN_WINDOW = 64
 # Well below what one event loop sustains on loopback (~200,000 probes/s): with a higher
@@ -132,6 +137,7 @@ class ConnectScan:
         self.filtered: list[int] = []
         self.probes_sent = 0
         self.local_shortages = 0
+        self._stalls = 0  # shortages in a row with nothing in flight
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -229,6 +235,7 @@ class ConnectScan:
             if err == errno.EINPROGRESS:
                 fd = sock.fileno()
                 inflight[fd] = probe
+                self._stalls = 0
                 if not registered:
                     register(fd, _EPOLL_EVENTS)
                 batch.append(probe)
@@ -261,20 +268,22 @@ class ConnectScan:
         self._scheduled_fill()
 
     def _local_shortage(self, port: int, err: int | None) -> None:
-        if err not in _LOCAL_SHORTAGE:
-            # Not a passing shortage (e.g. no IPv6 support here): the scan cannot run.
+        # A shortage that persists with nothing in flight is no shortage: EADDRNOTAVAIL is
+        # also what connect() says, forever, to ::1 where IPv6 is disabled.
+        if not self._inflight:
+            self._stalls += 1
+        if err not in _LOCAL_SHORTAGE or self._stalls > MAX_STALLS:
             self._queue.clear()
             if not self._done.done():
-                self._done.set_exception(
-                    OSError(err, f"cannot create a probe socket: {errno.errorcode.get(err or 0)}")
-                )
+                reason = os.strerror(err) if err else "unknown error"
+                self._done.set_exception(OSError(err, f"cannot probe: {reason}"))
             return
         self.local_shortages += 1
         self._queue.appendleft(port)
         # Keep what is in flight going; with nothing in flight, retry shortly.
         self._cap = self._window = max(1, len(self._inflight))
         if not self._inflight:
-            self._loop.call_later(0.05, self._schedule_fill)
+            self._loop.call_later(STALL_RETRY_SECONDS, self._schedule_fill)
 
     # -- completions -----------------------------------------------------------------------
 
@@ -471,7 +480,19 @@ async def scan_host(
             error=f"cannot resolve {host}: {reason}",
         )
     scan = ConnectScan(family, sockaddr, port_list, options, budget)
-    await scan.run()
+    try:
+        await scan.run()
+    except OSError as exc:
+        return ScanResult(
+            host=host,
+            address=str(sockaddr[0]),
+            started=started,
+            duration_seconds=time.monotonic() - t0,
+            ports_scanned=0,
+            answered=False,
+            error=f"cannot scan {host} ({sockaddr[0]}): {exc.strerror or exc}",
+            probes_sent=scan.probes_sent,
+        )
     return ScanResult(
         host=host,
         address=str(sockaddr[0]),
