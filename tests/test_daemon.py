@@ -113,24 +113,33 @@ def settle(daemon: DaemonProcess) -> Scrape:
     return next_scan(daemon, first)
 
 
+def first_sighting_of_new_port(daemon: DaemonProcess, listeners: Listeners) -> Scrape:
+    """Start the daemon, let it learn the baseline, open NEW: the scrape of its first sighting.
+
+    Until then (the scan in flight may predate the listener) nothing about NEW is confirmed.
+    """
+    daemon.start()
+    scrape = daemon.wait_for_scan(HOST, 0)
+    listeners.open(NEW)
+    for _ in range(5):
+        if scrape.port("portscan_port_change_pending", HOST, NEW, change="PORT_NEW_OPEN") == 1:
+            return scrape
+        assert scrape.port("portscan_port_unexpected_open", HOST, NEW) in (None, 0)
+        scrape = next_scan(daemon, scrape)
+    raise AssertionError(f"port {NEW} was not seen in 5 scans; log:\n{daemon.logs()[-3000:]}")
+
+
 @requires_netns
 def test_two_scan_confirmation_of_new_closed_and_resolved(
     lab: tuple[NetNS, Listeners, DaemonProcess],
 ) -> None:
     _ns, listeners, daemon = lab
-    daemon.start()
-    scrape = daemon.wait_for_scan(HOST, 0)
+    # A new port: pending after the first sighting, confirmed only after the second.
+    scrape = first_sighting_of_new_port(daemon, listeners)
     assert scrape.value("portscan_scan_success", host=HOST) == 1
     for port in BASELINE:
         assert scrape.port("portscan_port_expected", HOST, port) == 1
         assert scrape.port("portscan_port_open", HOST, port) == 1
-
-    # A new port: pending after the first sighting, confirmed only after the second.
-    listeners.open(NEW)
-    scrape = daemon.scrape()
-    while scrape.port("portscan_port_change_pending", HOST, NEW, change="PORT_NEW_OPEN") != 1:
-        assert scrape.port("portscan_port_unexpected_open", HOST, NEW) in (None, 0)
-        scrape = next_scan(daemon, scrape)
     assert gauges(scrape, NEW)["unexpected_open"] == 0
     scrape = next_scan(daemon, scrape)
     assert gauges(scrape, NEW) | {"open": 1} == {
@@ -174,11 +183,7 @@ def test_one_flapping_scan_never_flips_a_gauge(
     lab: tuple[NetNS, Listeners, DaemonProcess],
 ) -> None:
     _ns, listeners, daemon = lab
-    daemon.start()
-    scrape = daemon.wait_for_scan(HOST, 0)
-    listeners.open(NEW)
-    while scrape.port("portscan_port_change_pending", HOST, NEW, change="PORT_NEW_OPEN") != 1:
-        scrape = next_scan(daemon, scrape)
+    scrape = first_sighting_of_new_port(daemon, listeners)
     listeners.close(NEW)  # gone before the confirming scan (confirm_after is 700 ms)
     for _ in range(3):
         scrape = next_scan(daemon, scrape)
@@ -214,11 +219,7 @@ def test_kill9_between_sightings_then_restart(
     lab: tuple[NetNS, Listeners, DaemonProcess],
 ) -> None:
     _ns, listeners, daemon = lab
-    daemon.start()
-    scrape = daemon.wait_for_scan(HOST, 0)
-    listeners.open(NEW)
-    while scrape.port("portscan_port_change_pending", HOST, NEW, change="PORT_NEW_OPEN") != 1:
-        scrape = next_scan(daemon, scrape)
+    first_sighting_of_new_port(daemon, listeners)
     daemon.kill9()
 
     daemon.start()
