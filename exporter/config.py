@@ -152,7 +152,7 @@ def _line(node: yaml.Node | None) -> int | None:
     return None if node is None else node.start_mark.line + 1
 
 
-def _is_null(node: yaml.Node) -> bool:
+def is_null_node(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
 
 
@@ -232,7 +232,8 @@ def _merged_pairs(
     return pairs
 
 
-def _unknown_key(name: str, allowed: Collection[str]) -> str:
+def unknown_key_message(name: str, allowed: Collection[str]) -> str:
+    """The error for a key not in `allowed`, with the nearest valid one when there is one."""
     close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
     if close:
         return f"unknown key (did you mean '{close[0]}'?)"
@@ -243,7 +244,7 @@ def _entries(
     node: yaml.Node, key: str, ctx: _Context, allowed: Collection[str]
 ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     """The keys of a mapping node: name -> (key node, value node). A null node is empty."""
-    if _is_null(node):
+    if is_null_node(node):
         return {}
     if not isinstance(node, yaml.MappingNode):
         got = _kind(node, ctx)
@@ -275,7 +276,9 @@ def _entries(
         found[name] = (key_node, value_node)
     for name, (key_node, _) in found.items():
         if name not in allowed:
-            raise ctx.error(key_node, f"{key}.{name}" if key else name, _unknown_key(name, allowed))
+            raise ctx.error(
+                key_node, f"{key}.{name}" if key else name, unknown_key_message(name, allowed)
+            )
     return found
 
 
@@ -352,7 +355,7 @@ def _port_set(node: yaml.Node, ctx: _Context) -> tuple[int, ...]:
 
 def _optional(parser: Parser) -> Parser:
     def parse(node: yaml.Node, ctx: _Context) -> Any:
-        return None if _is_null(node) else parser(node, ctx)
+        return None if is_null_node(node) else parser(node, ctx)
 
     return parse
 
@@ -590,7 +593,7 @@ def _targets(
 ) -> tuple[HostSpec, ...]:
     if node is None:
         raise ctx.error(top, "targets", "missing (a non-empty list of hosts to scan is required)")
-    if _is_null(node) or (isinstance(node, yaml.SequenceNode) and not node.value):
+    if is_null_node(node) or (isinstance(node, yaml.SequenceNode) and not node.value):
         raise ctx.error(node, "targets", "empty (at least one target is required)")
     if not isinstance(node, yaml.SequenceNode):
         raise ctx.error(node, "targets", f"expected a list, got {_kind(node, ctx)}")
@@ -600,7 +603,7 @@ def _targets(
         key = f"targets[{index}]"
         host_node: yaml.Node
         settings: Mapping[str, _Setting] = defaults
-        if isinstance(item, yaml.ScalarNode) and not _is_null(item):
+        if isinstance(item, yaml.ScalarNode) and not is_null_node(item):
             host_node, host_key = item, key  # shorthand: `- 192.0.2.10`
         elif isinstance(item, yaml.MappingNode):
             entries = _entries(item, key, ctx, (*TARGET_FIELDS, "host"))
@@ -675,7 +678,7 @@ def parse_config(text: str, path: str | Path) -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise _syntax_error(exc, text, shown) from None
-    if root is None or _is_null(root):
+    if root is None or is_null_node(root):
         raise ConfigError(
             "the configuration is empty (it needs at least a 'targets' list)", path=shown, line=1
         )

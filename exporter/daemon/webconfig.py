@@ -37,7 +37,7 @@ import bcrypt
 import yaml
 from yaml.constructor import SafeConstructor
 
-from exporter.config import ConfigError, read_config_file
+from exporter.config import ConfigError, is_null_node, read_config_file, unknown_key_message
 from exporter.durations import DurationError, parse_duration
 
 __all__ = [
@@ -209,7 +209,7 @@ class _Reader:
         self, node: yaml.Node, key: str, allowed: Collection[str] | None
     ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         """name -> (key node, value node). `allowed` None: any key. A null is empty."""
-        if _is_null(node):
+        if is_null_node(node):
             return {}
         if not isinstance(node, yaml.MappingNode):
             raise self.error(node, key or None, f"expected a mapping, got {self.kind(node)}")
@@ -224,7 +224,7 @@ class _Reader:
                 first = found[name][0].start_mark.line + 1
                 raise self.error(key_node, where, f"duplicate key (first given on line {first})")
             if allowed is not None and name not in allowed:
-                raise self.error(key_node, where, _unknown_key(name, allowed))
+                raise self.error(key_node, where, unknown_key_message(name, allowed))
             found[name] = (key_node, value_node)
         return found
 
@@ -255,7 +255,7 @@ class _Reader:
 
     def string(self, node: yaml.Node, key: str) -> str | None:
         """A string value; null and "" are "not set", as in exporter-toolkit."""
-        if _is_null(node):
+        if is_null_node(node):
             return None
         value = self.plain(node, key)
         if not isinstance(value, str):
@@ -263,7 +263,7 @@ class _Reader:
         return value or None
 
     def boolean(self, node: yaml.Node, key: str) -> bool | None:
-        if _is_null(node):
+        if is_null_node(node):
             return None
         value = self.plain(node, key)
         if not isinstance(value, bool):
@@ -271,7 +271,7 @@ class _Reader:
         return value
 
     def strings(self, node: yaml.Node, key: str) -> tuple[tuple[str, yaml.Node], ...] | None:
-        if _is_null(node):
+        if is_null_node(node):
             return None
         if not isinstance(node, yaml.SequenceNode):
             raise self.error(node, key, f"expected a list of strings, got {self.kind(node)}")
@@ -290,17 +290,6 @@ class _Reader:
         if text is None:
             return None
         return Path(os.path.normpath(self.base_dir / os.path.expanduser(text)))
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _unknown_key(name: str, allowed: Collection[str]) -> str:
-    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean '{close[0]}'?)"
-    return f"unknown key (valid keys: {', '.join(sorted(allowed))})"
 
 
 def _choice(
@@ -491,7 +480,7 @@ def _users(reader: _Reader, node: yaml.Node) -> dict[str, str]:
         where = f"basic_auth_users.{name}"
         if not name or ":" in name:
             raise reader.error(key_node, where, "user names cannot be empty or contain ':'")
-        if not isinstance(value_node, yaml.ScalarNode) or _is_null(value_node):
+        if not isinstance(value_node, yaml.ScalarNode) or is_null_node(value_node):
             raise reader.error(value_node, where, f"expected a bcrypt hash ({_HASH_HINT})")
         # The raw text: the hash is never echoed back, whatever YAML would make of it.
         match = _BCRYPT_HASH.fullmatch(value_node.value.strip())
@@ -554,7 +543,7 @@ def parse_web_config(text: str, path: str | Path) -> WebConfig:
         raise WebConfigError(f"invalid YAML: {problem}", path=shown, line=line) from None
     except yaml.YAMLError as exc:
         raise WebConfigError(f"invalid YAML: {exc}", path=shown) from None
-    if root is None or _is_null(root):
+    if root is None or is_null_node(root):
         return WebConfig(path=Path(shown))
     top = reader.mapping(root, "", TOP_LEVEL_KEYS)
     tls = _tls(reader, *top["tls_server_config"]) if "tls_server_config" in top else None
