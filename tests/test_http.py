@@ -32,20 +32,15 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.config import ConfigError, HostSpec, load_config
-from exporter.daemon.http import (
-    ListenError,
-    build_app,
-    parse_listen_address,
-    registry_exposition,
-    start_server,
-)
-from exporter.daemon.jsonview import describe_fingerprint, fingerprint_to_json
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
-from exporter.daemon.status_page import ago, short_duration, until
-from exporter.daemon.webconfig import TLSServerConfig, WebConfig, load_web_config
 from exporter.model import HostScan, ScanResult, ServiceIdentity, TLSInfo
 from exporter.state import HostState, step
 from exporter.store import History, Store
+from exporter.web.app import Exposition, build_app
+from exporter.web.jsonview import describe_fingerprint, fingerprint_to_json
+from exporter.web.listen import ListenError, parse_listen_address, start_server
+from exporter.web.status_page import ago, short_duration, until
+from exporter.web.webconfig import TLSServerConfig, WebConfig, load_web_config
 from tests.test_webconfig import hash_password, make_cert, requires_openssl
 
 NOW = 1_767_000_000.0  # the server's clock in these tests
@@ -267,6 +262,17 @@ def registry(control: LabControl) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(HostsCollector(control))
     return registry
+
+
+def registry_exposition(registry: CollectorRegistry) -> Exposition:
+    """An Exposition of a prometheus_client registry, negotiating the format from Accept."""
+
+    def render(accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        output: bytes = encoder(registry)
+        return output, content_type
+
+    return render
 
 
 @contextlib.asynccontextmanager

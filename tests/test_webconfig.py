@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 
 from exporter.config import ConfigError
-from exporter.daemon.webconfig import (
+from exporter.web.webconfig import (
     BasicAuthenticator,
     RateLimit,
     WebConfig,

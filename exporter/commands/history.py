@@ -47,8 +47,8 @@ def open_store(config_path: str) -> Store:
 
 def run(args: argparse.Namespace) -> int:
     from exporter.config import ConfigError
-    from exporter.daemon.jsonview import history_to_json
     from exporter.durations import DurationError, parse_point_in_time
+    from exporter.web.jsonview import history_to_json
 
     now = time.time()
     try:

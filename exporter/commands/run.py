@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from exporter.config import Config
-    from exporter.daemon.webconfig import WebConfig
+    from exporter.web.webconfig import WebConfig
 
 DEFAULT_LISTEN_ADDRESS = ":9678"
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -65,7 +65,7 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from exporter import eventloop
     from exporter.config import ConfigError, load_config
-    from exporter.daemon.logs import configure_logging
+    from exporter.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
     try:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     web_config: WebConfig | None = None
     if args.web_config:
-        from exporter.daemon.webconfig import WebConfigError, load_web_config
+        from exporter.web.webconfig import WebConfigError, load_web_config
 
         try:
             web_config = load_web_config(args.web_config)
@@ -92,9 +92,10 @@ async def _serve(args: argparse.Namespace, config: Config, web_config: WebConfig
     from prometheus_client.platform_collector import PlatformCollector
     from prometheus_client.process_collector import ProcessCollector
 
-    from exporter.daemon.http import build_app, start_server
-    from exporter.daemon.metrics import SnapshotExposition
     from exporter.daemon.runner import Daemon
+    from exporter.web.app import build_app
+    from exporter.web.listen import start_server
+    from exporter.web.metrics import SnapshotExposition
 
     log = structlog.get_logger("portscan_exporter")
     daemon = Daemon(config)

@@ -1,1 +1,1 @@
-"""The long-running exporter: scheduler, scan pipeline, snapshot, /metrics and HTTP."""
+"""The long-running exporter: scheduler, scan pipeline and the snapshot its readers share."""
