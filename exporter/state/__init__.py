@@ -19,6 +19,7 @@ from .values import (
     Target,
     Transition,
     is_identified,
+    ports_that_matter,
     scan_outcome,
 )
 from .views import (
@@ -27,7 +28,6 @@ from .views import (
     host_status,
     port_status,
     port_statuses,
-    ports_that_matter,
 )
 
 __all__ = [

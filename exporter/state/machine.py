@@ -92,6 +92,7 @@ from .values import (
     Target,
     Transition,
     is_identified,
+    ports_that_matter,
     scan_outcome,
 )
 
@@ -231,7 +232,7 @@ class _Draft:
         )
 
     def freeze(self) -> HostState:
-        matter = set(self.baseline) | set(self.confirmed) | set(self.pending) | set(self.in_force)
+        matter = set(ports_that_matter(self))
         return HostState(
             host=self.host,
             baseline_source=self.baseline_source,
@@ -463,8 +464,7 @@ def _compare(
 ) -> None:
     result = scan.scan
     open_now = set(result.open)
-    ports = set(draft.baseline) | set(draft.confirmed) | set(draft.pending) | set(draft.in_force)
-    for port in sorted(ports | open_now):
+    for port in sorted(set(ports_that_matter(draft)) | open_now):
         if port not in open_now and port not in scope and result.state_of(port) is None:
             # Not probed: no say on the port, and a pending change can no longer be seen on
             # consecutive scans, so it is dropped rather than left waiting forever.
@@ -516,10 +516,10 @@ def accept(state: HostState, port: int | None = None, *, at: float) -> Transitio
             " edit the list and reload instead"
         )
     draft = _Draft.of(state)
-    known = set(state.baseline) | set(state.confirmed) | set(state.pending) | set(state.in_force)
+    known = ports_that_matter(state)
     if port is not None and port not in known:
         raise AcceptRefused(f"host {state.host}: nothing known about port {port}")
-    for p in sorted(known) if port is None else [port]:
+    for p in known if port is None else (port,):
         identity = draft.confirmed.get(p)
         had, old = p in draft.baseline, draft.baseline.get(p)
         if identity is None:

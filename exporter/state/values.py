@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from exporter.model import ScanResult, ServiceIdentity
+from exporter.model import UNKNOWN_SERVICE, ScanResult, ServiceIdentity
 
 
 class EventKind(enum.StrEnum):
@@ -67,7 +68,7 @@ RETURN_TO_BASELINE = "RETURN_TO_BASELINE"
 
 def is_identified(identity: ServiceIdentity) -> bool:
     """False when identification found nothing (timed out, unrecognised): no vote on services."""
-    return identity.service != "unknown"
+    return identity.service != UNKNOWN_SERVICE.service
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +188,22 @@ class Transition:
     events: tuple[Event, ...] = ()
     needs_confirmation: bool = False
     scanned: Container[int] = frozenset()
+
+
+class PortMaps(Protocol):
+    """What HostState and the state machine's working copy of it have in common."""
+
+    @property
+    def baseline(self) -> Mapping[int, str | None]: ...
+    @property
+    def confirmed(self) -> Mapping[int, ServiceIdentity]: ...
+    @property
+    def pending(self) -> Mapping[int, Pending]: ...
+    @property
+    def in_force(self) -> Mapping[int, ChangeInForce]: ...
+
+
+def ports_that_matter(state: PortMaps) -> tuple[int, ...]:
+    """Ports that get per-port series: open now, in the baseline, pending, or changed."""
+    ports = set(state.baseline) | set(state.confirmed) | set(state.pending) | set(state.in_force)
+    return tuple(sorted(ports))

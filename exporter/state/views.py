@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from exporter.model import ServiceIdentity
 
-from .values import EventKind, HostState
+from .values import EventKind, HostState, ports_that_matter
 
 
 class HostStatus(enum.StrEnum):
@@ -29,12 +29,6 @@ def host_status(state: HostState) -> HostStatus:
     if state.pending:
         return HostStatus.PENDING
     return HostStatus.STABLE
-
-
-def ports_that_matter(state: HostState) -> tuple[int, ...]:
-    """Ports that get per-port series: open now, in the baseline, pending, or changed."""
-    ports = set(state.baseline) | set(state.confirmed) | set(state.pending) | set(state.in_force)
-    return tuple(sorted(ports))
 
 
 @dataclass(frozen=True, slots=True)
