@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -322,35 +321,3 @@ def test_cli_accept_while_running_and_history(
     refused = ns.run(*cli, "baseline", "accept", "--host", "192.0.2.1", "--config", config,
                      check=False)  # fmt: skip
     assert refused.returncode == 1 and "192.0.2.1" in refused.stderr
-
-
-@requires_netns
-def test_hosts_waiting_for_a_scan_slot_cost_no_cpu(tmp_path: Path) -> None:
-    """More hosts due than scan slots: the loop sleeps until a slot frees, it does not spin."""
-    hosts = ["127.0.0.6", "127.0.0.7", "127.0.0.8"]
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "defaults:\n  ports: 1-300\n  timeout: 1s\n  retries: 0\n  interval: 1h\n"
-        "scan:\n  max_concurrent_hosts: 1\n  jitter: 0s\n"
-        f"storage:\n  path: {tmp_path / 'state.sqlite'}\n"
-        "targets:\n" + "".join(f"  - {host}\n" for host in hosts)
-    )
-    with NetNS("psc") as ns:
-        for host in hosts:  # silent hosts: every scan waits out its timeouts
-            ns.iptables("-A", "INPUT", "-d", host, "-j", "DROP")
-        daemon = DaemonProcess(ns, config, free_port_in(ns))
-        daemon.start()
-        try:
-            daemon.wait_until(
-                lambda: daemon.scrape().value("portscan_scan_in_progress", host=hosts[0]) == 1,
-                what="the first scan to start",
-            )
-            before = daemon.scrape().value("process_cpu_seconds_total") or 0.0
-            time.sleep(3)
-            scrape = daemon.scrape()
-            used = (scrape.value("process_cpu_seconds_total") or 0.0) - before
-            running = [h for h in hosts if scrape.value("portscan_scan_in_progress", host=h)]
-        finally:
-            assert daemon.terminate() == 0
-    assert len(running) <= 1
-    assert used < 1.0, f"{used:.2f} s of CPU in 3 s while hosts waited for a scan slot"

@@ -9,7 +9,10 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from exporter.config import Config
+    from exporter.daemon.runner import Daemon
     from exporter.web.webconfig import WebConfig
 
 DEFAULT_LISTEN_ADDRESS = ":9678"
@@ -86,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, config: Config, web_config: WebConfig | None) -> int:
-    import structlog
     from prometheus_client import CollectorRegistry
     from prometheus_client.gc_collector import GCCollector
     from prometheus_client.platform_collector import PlatformCollector
@@ -94,39 +96,57 @@ async def _serve(args: argparse.Namespace, config: Config, web_config: WebConfig
 
     from exporter.daemon.runner import Daemon
     from exporter.web.app import build_app
-    from exporter.web.listen import start_server
     from exporter.web.metrics import SnapshotExposition
 
-    log = structlog.get_logger("portscan_exporter")
     daemon = Daemon(config)
     process = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=process)
     exposition = SnapshotExposition(lambda: daemon.snapshot, process)
     app = build_app(daemon, exposition, telemetry_path=args.telemetry_path, web_config=web_config)
+    return await serve(daemon, app, args.listen_address, web_config)
+
+
+async def serve(
+    daemon: Daemon, app: web.Application, listen_address: str, web_config: WebConfig | None
+) -> int:
+    """Listen first, then start: /-/healthy answers and /-/ready says 503 while the stored
+    state loads, as Prometheus does while it replays its WAL. Runs until SIGTERM/SIGINT or
+    `daemon.stop()`; SIGHUP reloads the config."""
+    import structlog
+
+    from exporter.web.listen import start_server
+
+    log = structlog.get_logger("portscan_exporter")
     try:
-        await daemon.startup()
-        runner = await start_server(app, args.listen_address, web_config)
+        runner = await start_server(app, listen_address, web_config)
     except OSError as exc:
         log.error("cannot start", error=str(exc))
-        await daemon.shutdown()
         return 1
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, daemon.stop)
-    loop.add_signal_handler(signal.SIGINT, daemon.stop)
-    reloads: set[asyncio.Task[object]] = set()
-
-    def reload_on_sighup() -> None:
-        task: asyncio.Task[object] = asyncio.ensure_future(daemon.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     try:
-        await daemon.main_loop()
+        try:
+            await daemon.startup()
+        except OSError as exc:
+            log.error("cannot start", error=str(exc))
+            await daemon.shutdown()
+            return 1
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, daemon.stop)
+        loop.add_signal_handler(signal.SIGINT, daemon.stop)
+        reloads: set[asyncio.Task[object]] = set()
+
+        def reload_on_sighup() -> None:
+            task: asyncio.Task[object] = asyncio.ensure_future(daemon.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+        try:
+            await daemon.main_loop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await daemon.shutdown(SHUTDOWN_GRACE_SECONDS)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await daemon.shutdown(SHUTDOWN_GRACE_SECONDS)
         await runner.cleanup()
     return 0

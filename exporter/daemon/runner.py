@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 One event loop runs everything. `main_loop` starts the scans that are due (never more than
-`scan.max_concurrent_hosts` at once, all drawing probes from one shared ProbeBudget) and
-sleeps until the next due time or until something wakes it (a scan finished, a reload).
+`scan.max_concurrent_hosts` at once) and sleeps until the next due time or until something
+wakes it (a scan finished, a reload). A scan is the step the daemon was built with (see
+`pipeline`: TCP scan and identification, all hosts drawing probes from one shared budget);
+time is the `Clock` it was given, so tests run the daemon with a fake step on a fake clock.
 
 A finished scan goes through the pure state machine, then into the store (one transaction,
 in a worker thread), and only then into the in-memory snapshot that /metrics reads: a gauge
@@ -19,23 +21,21 @@ Hosts removed by a reload stop being scanned and exported; their history stays o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
 from exporter.config import Config, ConfigError, HostSpec, load_config
-from exporter.daemon.schedule import Planner
+from exporter.daemon.clock import Clock, SystemClock
+from exporter.daemon.pipeline import BuildScan, ScanFn, build_scan_pipeline
+from exporter.daemon.reporting import ScanReport
+from exporter.daemon.schedule import DueTimes, Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
-from exporter.fingerprint import FingerprintOptions, SignatureDB, identify_scanned, load_signatures
-from exporter.model import HostScan, ServiceIdentity
-from exporter.scanner import ProbeBudget, ScanOptions, raise_fd_limit, scan_host
-from exporter.state import HostState, Transition, reconfigure, scan_outcome, step
+from exporter.model import HostScan
+from exporter.state import HostState, Transition, reconfigure, step
 from exporter.store import History, StaleStateError, Store
 
 log = structlog.get_logger("portscan_exporter")
@@ -43,6 +43,8 @@ log = structlog.get_logger("portscan_exporter")
 # How often states written by other processes (`baseline accept`) are picked up.
 POLL_STORE_SECONDS = 5.0
 PRUNE_EVERY_SECONDS = 86400.0
+# How often the same host's scan may be refused by the store for being stale in a row.
+STALE_STATE_ATTEMPTS = 3
 
 
 class Daemon:
@@ -50,27 +52,24 @@ class Daemon:
         self,
         config: Config,
         *,
-        clock: Callable[[], float] = time.time,
+        build_scan: BuildScan = build_scan_pipeline,
+        clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
         self._specs = {spec.host: spec for spec in config.hosts}
-        self._clock = clock
+        self._build_scan = build_scan
+        self._scan_fn: ScanFn | None = None  # built at start-up
+        self._clock = clock or SystemClock()
         self._planner = Planner(config.scan, rng or random.Random())
         self._store: Store | None = None
         self._states: dict[str, HostState] = {}
-        self._due: dict[str, float] = {}
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._schedule = DueTimes(config.scan.max_concurrent_hosts)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._report = ScanReport()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._scans_total: dict[tuple[str, str], int] = {}
-        self._probes_total: dict[str, int] = {}
-        self._budget = ProbeBudget(self._probe_limit(config))
-        self._signatures: SignatureDB | None = None  # None: identification is off
-        self._fingerprint_options = self._fp_options_of(config)
-        # One limit on ports being identified, across all hosts scanned at once.
-        self._identify_limit = asyncio.Semaphore(config.fingerprint.concurrency)
-        now = clock()
+        now = self._clock.now()
         self._reload = ReloadStatus(successful=True, at=now, last_success_at=now)
         self._started_at = now
         self._ready = False
@@ -84,17 +83,19 @@ class Daemon:
 
     async def reload(self) -> ReloadResult:
         path = self._config.path
-        now = self._clock()
+        now = self._clock.now()
+        if not self._ready:
+            return ReloadResult(successful=False, error="still starting: the state is loading")
         try:
             config = await asyncio.to_thread(load_config, path)
-            signatures = await asyncio.to_thread(self._load_signatures, config)
+            scan_fn = await asyncio.to_thread(self._build_scan, config, self._scan_fn)
         except (ConfigError, OSError, ValueError) as exc:
             error = str(exc)
             log.error("config reload failed, keeping the running config", error=error)
             self._reload = replace(self._reload, successful=False, at=now, error=error)
             self._publish()
             return ReloadResult(successful=False, error=error)
-        await self._apply_config(config, signatures, now)
+        await self._apply_config(config, scan_fn, now)
         self._reload = ReloadStatus(successful=True, at=now, last_success_at=now)
         log.info("config reloaded", file=str(path), hosts=len(config.hosts))
         self._publish()
@@ -102,7 +103,7 @@ class Daemon:
 
     async def accept(self, host: str, port: int | None) -> HostState:
         store = self._require_store()
-        state = await asyncio.to_thread(store.accept, host, port, now=self._clock())
+        state = await asyncio.to_thread(store.accept, host, port, now=self._clock.now())
         if host in self._states:
             self._states[host] = state
             self._publish()
@@ -116,13 +117,16 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def startup(self) -> None:
+        """Open the store, build the scan step and publish the stored state. The HTTP
+        server already answers meanwhile (ready: 503); this can take a while with a large
+        store or a large signature file."""
         config = self._config
         config.storage.path.parent.mkdir(parents=True, exist_ok=True)
         self._store = await asyncio.to_thread(Store.open, config.storage.path)
-        self._signatures = await asyncio.to_thread(self._load_signatures, config)
+        scan_fn = await asyncio.to_thread(self._build_scan, config, None)
         stored = await asyncio.to_thread(self._store.load_states)
         self._states = {}
-        await self._apply_config(config, self._signatures, self._clock(), stored=stored)
+        await self._apply_config(config, scan_fn, self._clock.now(), stored=stored)
         self._ready = True
         self._publish()
         log.info(
@@ -134,9 +138,9 @@ class Daemon:
 
     async def main_loop(self) -> None:
         store = self._require_store()
-        next_poll = next_prune = self._clock()
+        next_poll = next_prune = self._clock.now()
         while not self._stopping:
-            now = self._clock()
+            now = self._clock.now()
             if now >= next_poll:
                 await self._pick_up_external_writes(store)
                 next_poll = now + POLL_STORE_SECONDS
@@ -144,16 +148,17 @@ class Daemon:
                 await self._prune(store, now)
                 next_prune = now + PRUNE_EVERY_SECONDS
             self._start_due_scans(now)
-            idle_until = min([next_poll, next_prune, *self._next_startable()])
+            wake_at = self._schedule.next_wake()
+            idle_until = min(next_poll, next_prune, wake_at if wake_at is not None else next_poll)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, idle_until - now))
+            if not self._stopping:
+                await self._clock.wait(self._wake, idle_until)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop scheduling, cancel scans in flight (they write nothing), close the store."""
         self._stopping = True
         self._wake.set()
-        tasks = list(self._running.values())
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         if tasks:
@@ -169,122 +174,72 @@ class Daemon:
 
     # -- scheduling -------------------------------------------------------------------------
 
-    def _next_startable(self) -> list[float]:
-        """Due times worth waking for: none while every scan slot is taken (a finishing
-        scan wakes the loop), else those of the hosts not being scanned."""
-        if len(self._running) >= self._config.scan.max_concurrent_hosts:
-            return []
-        return [due for host, due in self._due.items() if host not in self._running]
-
     def _start_due_scans(self, now: float) -> None:
-        limit = self._config.scan.max_concurrent_hosts
-        waiting = sorted(
-            (due, host)
-            for host, due in self._due.items()
-            if due <= now and host not in self._running
-        )
-        for _, host in waiting[: max(0, limit - len(self._running))]:
-            spec = self._spec(host)
+        started = self._schedule.startable(now)
+        for host in started:
+            spec = self._specs.get(host)
             if spec is None:
                 continue
             task = asyncio.create_task(self._scan(spec), name=f"scan {host}")
-            self._running[host] = task
+            self._tasks[host] = task
+            self._schedule.running.add(host)
             task.add_done_callback(functools.partial(self._scan_done, host))
-        if waiting:
+        if started:
             self._publish()
 
-    def _scan_done(self, host: str, _task: asyncio.Task[None]) -> None:
-        self._running.pop(host, None)
+    def _scan_done(self, host: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(host) is task:
+            del self._tasks[host]
+            self._schedule.running.discard(host)
         self._publish()  # scan_in_progress back to 0
         self._wake.set()
-
-    def _spec(self, host: str) -> HostSpec | None:
-        return self._specs.get(host)
 
     # -- one scan ---------------------------------------------------------------------------
 
     async def _scan(self, spec: HostSpec) -> None:
         try:
-            await self._scan_and_record(spec)
+            scan_fn = self._scan_fn
+            if scan_fn is None:
+                raise RuntimeError("no scan step: the daemon has not started")
+            host_scan = await scan_fn(spec)
+            transition = await self._record(spec, host_scan)
         except asyncio.CancelledError:
             raise
         except Exception:
             # A bug or a storage failure must not stop the other hosts: log, retry later.
-            log.exception("scan failed", host=spec.host)
-            self._due[spec.host] = self._planner.next_due(spec, self._clock(), confirming=False)
-
-    async def _scan_and_record(self, spec: HostSpec) -> None:
-        options = ScanOptions(
-            timeout=spec.timeout,
-            retries=spec.retries,
-            concurrency=spec.concurrency,
-            rate=spec.rate,
-        )
-        result = await scan_host(spec.host, spec.ports, options, budget=self._budget)
-        services: dict[int, ServiceIdentity] = {}
-        if self._signatures is not None:
-            services = await identify_scanned(
-                result,
-                db=self._signatures,
-                options=self._fingerprint_options,
-                limiter=self._identify_limit,
+            self._report.scan_failed(spec)
+            self._schedule.due[spec.host] = self._planner.next_due(
+                spec, self._clock.now(), confirming=False
             )
-        host_scan = HostScan(scan=result, services=services)
-        transition = await self._record(spec, host_scan)
-        state = transition.new_state
-        self._states[spec.host] = state
-        outcome = scan_outcome(result).value
-        key = (spec.host, outcome)
-        self._scans_total[key] = self._scans_total.get(key, 0) + 1
-        self._probes_total[spec.host] = self._probes_total.get(spec.host, 0) + result.probes_sent
+            return
+        self._states[spec.host] = transition.new_state
+        self._report.scan_finished(spec, host_scan, transition)
         # Counted from now, after identification too: a confirming scan must come
         # `confirm_after` after the first sighting was published, not after its TCP phase.
-        self._due[spec.host] = self._planner.next_due(
-            spec, self._clock(), confirming=transition.needs_confirmation
-        )
-        for event in transition.events:
-            if event.port is None:  # host-wide bookkeeping: baseline learned or accepted
-                log.info(event.kind.value.lower().replace("_", " "), host=event.host)
-                continue
-            log.warning(
-                "change resolved" if event.resolved else "change confirmed",
-                host=event.host,
-                port=event.port,
-                change=event.kind.value,
-                severity=event.severity.value,
-                old_service=event.old_service,
-                new_service=event.new_service,
-            )
-        log.info(
-            "scan finished",
-            host=spec.host,
-            address=result.address,
-            result=outcome,
-            error=result.error,
-            duration_seconds=round(result.duration_seconds, 3),
-            ports_scanned=result.ports_scanned,
-            open=len(result.open),
-            pending=len(state.pending),
-            confirming=transition.needs_confirmation,
+        self._schedule.due[spec.host] = self._planner.next_due(
+            spec, self._clock.now(), confirming=transition.needs_confirmation
         )
         self._publish()
 
     async def _record(self, spec: HostSpec, host_scan: HostScan) -> Transition:
+        """Step the state machine and write the result in one transaction. If another
+        process wrote the host meanwhile, the store refuses the stale transition and the
+        scan is folded into the state the store now holds."""
         store = self._require_store()
         state = self._states.get(spec.host, HostState.initial(spec.host))
-        for _ in range(3):
+        scanned_ports = frozenset(spec.ports)
+        for _ in range(STALE_STATE_ATTEMPTS):
             transition = step(
                 state,
                 host_scan,
                 expected_open=spec.expected_open,
-                scanned_ports=frozenset(spec.ports),
+                scanned_ports=scanned_ports,
                 confirmations=spec.confirmations,
             )
             try:
                 await asyncio.to_thread(store.record_scan, host_scan, transition)
                 return transition
             except StaleStateError:
-                # Someone else (baseline accept) wrote this host: fold the scan into theirs.
                 fresh = await asyncio.to_thread(store.load_state, spec.host)
                 state = fresh or HostState.initial(spec.host)
         raise StaleStateError(f"host {spec.host}: the stored state keeps changing")
@@ -294,7 +249,7 @@ class Daemon:
     async def _apply_config(
         self,
         config: Config,
-        signatures: SignatureDB | None,
+        scan_fn: ScanFn,
         now: float,
         *,
         stored: dict[str, HostState] | None = None,
@@ -309,9 +264,10 @@ class Daemon:
                 configured=str(config.storage.path),
             )
         wanted = {spec.host for spec in config.hosts}
-        for host, task in list(self._running.items()):
+        for host, task in list(self._tasks.items()):
             if host not in wanted:
                 task.cancel()
+        planner = Planner(config.scan, self._planner.rng)
         states: dict[str, HostState] = {}
         due: dict[str, float] = {}
         for spec in config.hosts:
@@ -321,51 +277,20 @@ class Daemon:
                 await asyncio.to_thread(store.record_transition, transition, now=now)
                 state = transition.new_state
             states[spec.host] = state
-            if spec.host in self._due and spec.host in self._states:
-                due[spec.host] = self._due[spec.host]
+            kept = self._schedule.due.get(spec.host)
+            if kept is not None and spec.host in self._states:
+                due[spec.host] = kept
             else:
                 finished = state.last_scan.finished if state.last_scan else None
-                due[spec.host] = self._planner.first_due(spec, finished, now)
-        if config.fingerprint.concurrency != self._config.fingerprint.concurrency:
-            self._identify_limit = asyncio.Semaphore(config.fingerprint.concurrency)
+                due[spec.host] = planner.first_due(spec, finished, now)
         self._config = config
         self._specs = {spec.host: spec for spec in config.hosts}
         self._states = states
-        self._due = due
-        self._signatures = signatures
-        self._fingerprint_options = self._fp_options_of(config)
-        self._planner = Planner(config.scan, self._planner.rng)
-        limit = self._probe_limit(config)
-        if limit != self._budget.limit:
-            self._budget = ProbeBudget(limit)
+        self._schedule.due = due
+        self._schedule.max_running = config.scan.max_concurrent_hosts
+        self._scan_fn = scan_fn
+        self._planner = planner
         self._wake.set()
-
-    @staticmethod
-    def _probe_limit(config: Config) -> int:
-        allowed = raise_fd_limit(config.scan.max_probes)
-        if allowed < config.scan.max_probes:
-            log.warning(
-                "open-file limit too low for scan.max_probes, lowering it",
-                max_probes=config.scan.max_probes,
-                allowed=allowed,
-            )
-        return allowed
-
-    @classmethod
-    def _load_signatures(cls, config: Config) -> SignatureDB | None:
-        if not config.fingerprint.enabled:
-            return None
-        return load_signatures(cls._fp_options_of(config))
-
-    @staticmethod
-    def _fp_options_of(config: Config) -> FingerprintOptions:
-        fp = config.fingerprint
-        return FingerprintOptions(
-            timeout=fp.timeout,
-            max_bytes=fp.max_bytes,
-            concurrency=fp.concurrency,
-            nmap_service_probes=fp.nmap_service_probes,
-        )
 
     # -- store upkeep -----------------------------------------------------------------------
 
@@ -395,12 +320,13 @@ class Daemon:
 
     def _build_snapshot(self, previous: Snapshot | None = None) -> Snapshot:
         hosts = []
-        for spec in self._config.hosts:
+        # Before the stored state is loaded nothing is known of any host: export none rather
+        # than hosts that look never scanned.
+        specs = self._config.hosts if self._ready else ()
+        for spec in specs:
             host = spec.host
             state = self._states.get(host) or HostState.initial(host)
-            # While a scan runs this stays the time it was due: a scan that hangs shows as
-            # overdue (PortscanScanStale) instead of dropping the series.
-            due, scanning = self._due.get(host), host in self._running
+            due, scanning = self._schedule.due.get(host), host in self._schedule.running
             view = previous.host(host) if previous is not None else None
             # An unchanged host keeps its view object: /metrics re-renders only new ones.
             if (
@@ -418,8 +344,8 @@ class Daemon:
             started_at=self._started_at,
             config_path=str(Path(self._config.path)),
             ready=self._ready,
-            scans_total=dict(self._scans_total),
-            probes_total=dict(self._probes_total),
+            scans_total=dict(self._report.scans_total),
+            probes_total=dict(self._report.probes_total),
         )
 
     def _publish(self) -> None:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from exporter.config import HostSpec, ScanSettings
 
@@ -45,3 +45,35 @@ class Planner:
             return finished + spec.confirm_after
         half = self.jitter_span(spec) / 2
         return finished + spec.interval + self.rng.uniform(-half, half)
+
+
+@dataclass
+class DueTimes:
+    """When each host is due and which are being scanned, against a limit of scans at once.
+
+    While a host is being scanned its due time stays the one it had: a scan that hangs shows
+    as overdue (PortscanScanStale) instead of dropping the series.
+    """
+
+    max_running: int
+    due: dict[str, float] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+
+    def startable(self, now: float) -> list[str]:
+        """Hosts to start now, the longest overdue first, as many as there are free slots."""
+        free = self.max_running - len(self.running)
+        if free <= 0:
+            return []
+        waiting = sorted(
+            (due, host) for host, due in self.due.items() if due <= now and host not in self.running
+        )
+        return [host for _, host in waiting[:free]]
+
+    def next_wake(self) -> float | None:
+        """The next due time worth waking for: none while every slot is taken (a finishing
+        scan wakes the loop), else the earliest of the hosts not being scanned."""
+        if len(self.running) >= self.max_running:
+            return None
+        return min(
+            (due for host, due in self.due.items() if host not in self.running), default=None
+        )

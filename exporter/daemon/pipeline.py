@@ -1,0 +1,91 @@
+"""The scan step: from a host's spec to a `HostScan` (TCP scan, then identification).
+
+The daemon is handed this step as a function (`ScanFn`), the way blackbox_exporter's
+prober is handed a `ProbeFn`: it never calls the scanner or the fingerprint engine itself,
+so its scheduling, confirmations and storage can be tested in-process with a fake step.
+
+A step is built from the config (`build_scan_pipeline`) at start and on every reload. Building
+reads the signature files, so it may fail, and then the reload fails and the running step
+stays. What all hosts' scans share lives in the step: one probe budget (the open-file limit
+holds for the whole process) and one limit on ports being identified at once. A rebuilt step
+keeps them while their limits are unchanged, so scans in flight and new ones draw on the same
+pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from exporter.config import Config, HostSpec
+from exporter.fingerprint import FingerprintOptions, SignatureDB, identify_scanned, load_signatures
+from exporter.model import HostScan, ServiceIdentity
+from exporter.scanner import ProbeBudget, ScanOptions, raise_fd_limit, scan_host
+
+log = structlog.get_logger("portscan_exporter")
+
+ScanFn = Callable[[HostSpec], Awaitable[HostScan]]
+# (new config, the running step or None) -> the step for the new config. Blocking: it may
+# read files, so the daemon calls it in a thread. Raises OSError or ValueError on bad input.
+BuildScan = Callable[[Config, ScanFn | None], ScanFn]
+
+
+class ScanPipeline:
+    def __init__(
+        self,
+        budget: ProbeBudget,
+        signatures: SignatureDB | None,
+        fingerprint_options: FingerprintOptions,
+        identify_limit: asyncio.Semaphore,
+    ) -> None:
+        self.budget = budget
+        self.signatures = signatures  # None: identification is off
+        self.fingerprint_options = fingerprint_options
+        self.identify_limit = identify_limit
+
+    async def __call__(self, spec: HostSpec) -> HostScan:
+        options = ScanOptions(
+            timeout=spec.timeout, retries=spec.retries, concurrency=spec.concurrency, rate=spec.rate
+        )
+        result = await scan_host(spec.host, spec.ports, options, budget=self.budget)
+        services: dict[int, ServiceIdentity] = {}
+        if self.signatures is not None:
+            services = await identify_scanned(
+                result,
+                db=self.signatures,
+                options=self.fingerprint_options,
+                limiter=self.identify_limit,
+            )
+        return HostScan(scan=result, services=services)
+
+
+def build_scan_pipeline(config: Config, running: ScanFn | None) -> ScanPipeline:
+    previous = running if isinstance(running, ScanPipeline) else None
+    fp = config.fingerprint
+    options = FingerprintOptions(
+        timeout=fp.timeout,
+        max_bytes=fp.max_bytes,
+        concurrency=fp.concurrency,
+        nmap_service_probes=fp.nmap_service_probes,
+    )
+    signatures = load_signatures(options) if fp.enabled else None
+    limit = _probe_limit(config)
+    budget = previous.budget if previous and previous.budget.limit == limit else ProbeBudget(limit)
+    if previous and previous.fingerprint_options.concurrency == fp.concurrency:
+        identify_limit = previous.identify_limit
+    else:
+        identify_limit = asyncio.Semaphore(fp.concurrency)
+    return ScanPipeline(budget, signatures, options, identify_limit)
+
+
+def _probe_limit(config: Config) -> int:
+    allowed = raise_fd_limit(config.scan.max_probes)
+    if allowed < config.scan.max_probes:
+        log.warning(
+            "open-file limit too low for scan.max_probes, lowering it",
+            max_probes=config.scan.max_probes,
+            allowed=allowed,
+        )
+    return allowed
