@@ -227,7 +227,13 @@ def test_shared_budget_does_not_starve_a_small_host() -> None:
         budget = ProbeBudget(64)
         opts = ScanOptions(timeout=0.2, retries=0, concurrency=64)
         big = asyncio.create_task(scan_host("127.0.0.2", range(1, 1001), opts, budget=budget))
-        await asyncio.sleep(0.05)
+        # The small host starts once the big one holds every probe of the shared budget.
+        for _ in range(100_000):
+            if budget.in_use >= budget.limit:
+                break
+            await asyncio.sleep(0)
+        else:
+            raise AssertionError("the big scan never took the whole budget")
         small = await scan_host("127.0.0.3", range(1, 101), opts, budget=budget)
         small_done = time.monotonic()
         big_result = await big
