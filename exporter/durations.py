@@ -64,23 +64,6 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def format_duration(seconds: float) -> str:
-    """A short form of `seconds` that parse_duration reads back: 5400 -> "1h30m".
-
-    Days are the largest unit so that retention periods read as written ("400d").
-    """
-    if seconds < 0 or not math.isfinite(seconds):
-        raise ValueError(f"cannot format {seconds} as a duration")
-    remaining = round(seconds * 1000)
-    parts = []
-    for unit in ("d", "h", "m", "s", "ms"):
-        size = round(UNITS[unit] * 1000)
-        if remaining >= size:
-            parts.append(f"{remaining // size}{unit}")
-            remaining %= size
-    return "".join(parts) or "0s"
-
-
 def parse_point_in_time(value: str, now: float) -> float:
     """A moment as operators write it in `--since`/`?since=`: a duration ago (`7d`), an
     RFC 3339 timestamp (`2026-11-20T10:00:00Z`) or unix seconds (`1763632800`)."""

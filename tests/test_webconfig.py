@@ -7,6 +7,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,13 +15,13 @@ import bcrypt
 import pytest
 
 from exporter.config import ConfigError
+from exporter.web.basic_auth import BasicAuthenticator
+from exporter.web.config_source import WebConfigSource
+from exporter.web.tls import build_ssl_context
 from exporter.web.webconfig import (
-    BasicAuthenticator,
     RateLimit,
     WebConfig,
     WebConfigError,
-    WebConfigSource,
-    build_ssl_context,
     load_web_config,
     parse_web_config,
 )
@@ -136,6 +137,77 @@ def test_empty_tls_section_and_zero_rate_limit_are_off() -> None:
     config = load_web_config(FIXTURES / "good" / "tls-section-empty.yml")
     assert config.tls_server_config is None
     assert config.rate_limit is None
+
+
+# --- the same YAML as the main config --------------------------------------------------------
+
+
+def web_error(text: str) -> str:
+    with pytest.raises(WebConfigError) as caught:
+        parse_web_config(text, "web.yml")
+    return str(caught.value)
+
+
+def test_merge_keys_work_as_in_the_main_config() -> None:
+    scraper, bob = hash_password("scraper"), hash_password("bob")
+    config = parse_web_config(
+        "basic_auth_users:\n"
+        "  <<: &scrapers\n"
+        f"    prometheus: {scraper}\n"
+        f"    bob: {scraper}\n"
+        f"  bob: {bob}\n"  # written next to the merge key: wins over the merged one
+        "http_server_config:\n"
+        "  headers:\n"
+        "    <<: [{X-Frame-Options: deny}, {X-Frame-Options: sameorigin, X-XSS-Protection: '0'}]\n"
+        "rate_limit:\n"
+        "  <<: {interval: 1s, burst: 5}\n"
+        "  burst: 10\n",
+        "web.yml",
+    )
+    assert config.basic_auth_users == {"prometheus": scraper, "bob": bob}
+    # In a merged list the first mapping wins, as YAML says.
+    assert dict(config.headers) == {"X-Frame-Options": "deny", "X-XSS-Protection": "0"}
+    assert config.rate_limit == RateLimit(interval=1.0, burst=10)
+
+
+def test_errors_inside_a_merged_mapping_point_at_where_it_was_written() -> None:
+    assert web_error(
+        "tls_server_config:\n  <<: &strict\n    min_version: TLS14\n  cert_file: a.crt\n"
+    ) == (
+        "web.yml:3: tls_server_config.min_version: unknown value 'TLS14'"
+        " (valid: TLS10, TLS11, TLS12, TLS13)"
+    )
+    assert web_error("tls_server_config:\n  <<: {cert_fil: a.crt}\n") == (
+        "web.yml:2: tls_server_config.cert_fil: unknown key (did you mean 'cert_file'?)"
+    )
+    assert web_error("basic_auth_users:\n  <<: [alice]\n") == (
+        "web.yml:2: basic_auth_users: << must merge a mapping or a list of mappings"
+    )
+
+
+def test_user_names_are_taken_as_written() -> None:
+    digest = hash_password("pw")
+    config = parse_web_config(f"basic_auth_users:\n  yes: {digest}\n  1234: {digest}\n", "w.yml")
+    assert sorted(config.basic_auth_users) == ["1234", "yes"]
+
+
+def test_syntax_and_value_errors_read_as_in_the_main_config() -> None:
+    # A control character is a syntax error on its line.
+    assert web_error("basic_auth_users:\n  alice: a\x07b\n") == (
+        "web.yml:2: invalid YAML: unacceptable character #x0007: special characters are not allowed"
+    )
+    # YAML 1.1 would read 1:30 as the number 90; as in the main config it is a typo.
+    assert web_error("rate_limit:\n  interval: 1:30\n  burst: 1\n") == (
+        "web.yml:2: rate_limit.interval: '1:30' is not a duration"
+        " (use e.g. 500ms, 30s, 5m, 12h, 1d)"
+    )
+    assert web_error("rate_limit:\n  interval: 1s\n  burst: 2.5\n") == (
+        "web.yml:3: rate_limit.burst: expected an integer >= 0, got number 2.5"
+    )
+    assert web_error("auth_excluded_paths: [/-/healthy, !!python/name:os.getcwd '']\n") == (
+        "web.yml:1: auth_excluded_paths[1]: could not determine a constructor for the tag"
+        " 'tag:yaml.org,2002:python/name:os.getcwd'"
+    )
 
 
 # --- TLS ---------------------------------------------------------------------------------------
@@ -273,6 +345,32 @@ def test_source_rebuilds_the_tls_context_when_a_certificate_changes(tmp_path: Pa
 # --- basic auth --------------------------------------------------------------------------------
 
 
+class CountingAuthenticator(BasicAuthenticator):
+    """Records each bcrypt comparison (the hash it was against) and how many ran at once."""
+
+    def __init__(self, *, cache_size: int = 128) -> None:
+        super().__init__(cache_size=cache_size)
+        self.hashes_checked: list[bytes] = []
+        self.most_at_once = 0
+        self._running = 0
+        self._counting = threading.Lock()
+
+    def check_password(self, password: bytes, hashed: bytes) -> bool:
+        with self._counting:
+            self.hashes_checked.append(hashed)
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+        try:
+            return super().check_password(password, hashed)
+        finally:
+            with self._counting:
+                self._running -= 1
+
+    @property
+    def bcrypt_checks(self) -> int:
+        return len(self.hashes_checked)
+
+
 async def test_authenticator_accepts_htpasswd_style_hashes_from_a_file() -> None:
     config = load_web_config(FIXTURES / "good" / "basic-auth.yml")
     auth = BasicAuthenticator()
@@ -288,7 +386,7 @@ async def test_authenticator_accepts_htpasswd_style_hashes_from_a_file() -> None
 async def test_authenticator_caches_successes_without_keeping_the_password() -> None:
     password = "s3cret-ünïcode-pässword"
     users = {"alice": hash_password(password)}
-    auth = BasicAuthenticator(cache_size=2)
+    auth = CountingAuthenticator(cache_size=2)
     assert await auth.verify(users, "alice", password)
     assert auth.bcrypt_checks == 1
     for _ in range(3):
@@ -309,13 +407,15 @@ async def test_authenticator_caches_successes_without_keeping_the_password() -> 
 
 async def test_authenticator_unknown_users_cost_a_bcrypt_check() -> None:
     users = {"alice": hash_password("pw")}
-    auth = BasicAuthenticator()
+    auth = CountingAuthenticator()
     started = time.perf_counter()
     assert not await auth.verify(users, "nobody", "pw")
     # The decoy hash has cost 10 (as exporter-toolkit's): an unknown user is no faster to
     # reject than a known user with a typical hash.
     assert time.perf_counter() - started > 0.01
-    assert auth.bcrypt_checks == 1
+    (decoy,) = auth.hashes_checked
+    assert decoy.startswith(b"$2b$10$")
+    assert decoy.decode() not in users.values()
 
 
 async def test_authenticator_long_passwords_follow_bcrypt_72_byte_rule() -> None:
@@ -328,7 +428,8 @@ async def test_authenticator_long_passwords_follow_bcrypt_72_byte_rule() -> None
 
 async def test_authenticator_checks_run_one_at_a_time() -> None:
     users = {f"user{i}": hash_password(f"pw{i}") for i in range(4)}
-    auth = BasicAuthenticator()
+    auth = CountingAuthenticator()
     results = await asyncio.gather(*(auth.verify(users, f"user{i}", f"pw{i}") for i in range(4)))
     assert results == [True] * 4
     assert auth.bcrypt_checks == 4
+    assert auth.most_at_once == 1

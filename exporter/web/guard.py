@@ -20,13 +20,9 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import hdrs, web
 
-from exporter.web.webconfig import (
-    BasicAuthenticator,
-    RateLimit,
-    WebConfig,
-    WebConfigError,
-    WebConfigSource,
-)
+from exporter.web.basic_auth import BasicAuthenticator
+from exporter.web.config_source import WebConfigSource
+from exporter.web.webconfig import RateLimit, WebConfig, WebConfigError
 
 log = structlog.get_logger("portscan_exporter")
 

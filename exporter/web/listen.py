@@ -16,8 +16,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from exporter.web.config_source import WebConfigSource
 from exporter.web.guard import GUARD
-from exporter.web.webconfig import TLSServerConfig, WebConfig, WebConfigError, WebConfigSource
+from exporter.web.webconfig import TLSServerConfig, WebConfig, WebConfigError
 
 __all__ = ["ListenError", "parse_listen_address", "start_server"]
 
