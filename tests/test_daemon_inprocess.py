@@ -312,6 +312,7 @@ async def test_reload_adds_and_removes_targets(tmp_path: Path) -> None:
         assert result.successful, result.error
         await run.settle()
         assert [view.host for view in run.daemon.snapshot.hosts] == [kept, added]
+        assert {host for host, _ in run.daemon.snapshot.scans_total} == {kept}
         assert run.scan.cancelled == [removed], "the removed host's scan went on"
         assert not gate.is_set()
         assert run.next_scan(kept) == kept_due, "a reload moved a kept host's schedule"

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from exporter.config import Config, HostSpec
-from exporter.fingerprint import FingerprintOptions, SignatureDB, identify_scanned, load_signatures
+from exporter.fingerprint import Fingerprinter, FingerprintOptions
 from exporter.model import HostScan, ServiceIdentity
 from exporter.scanner import ProbeBudget, ScanOptions, raise_fd_limit, scan_host
 
@@ -36,14 +36,15 @@ class ScanPipeline:
     def __init__(
         self,
         budget: ProbeBudget,
-        signatures: SignatureDB | None,
-        fingerprint_options: FingerprintOptions,
+        fingerprinter: Fingerprinter | None,
         identify_limit: asyncio.Semaphore,
+        identify_concurrency: int,
     ) -> None:
         self.budget = budget
-        self.signatures = signatures  # None: identification is off
-        self.fingerprint_options = fingerprint_options
+        self.fingerprinter = fingerprinter  # None: identification is off
+        # One limit on ports being identified, across all hosts scanned at once.
         self.identify_limit = identify_limit
+        self.identify_concurrency = identify_concurrency
 
     async def __call__(self, spec: HostSpec) -> HostScan:
         options = ScanOptions(
@@ -51,12 +52,9 @@ class ScanPipeline:
         )
         result = await scan_host(spec.host, spec.ports, options, budget=self.budget)
         services: dict[int, ServiceIdentity] = {}
-        if self.signatures is not None:
-            services = await identify_scanned(
-                result,
-                db=self.signatures,
-                options=self.fingerprint_options,
-                limiter=self.identify_limit,
+        if self.fingerprinter is not None:
+            services = await self.fingerprinter.identify_scanned(
+                result, limiter=self.identify_limit
             )
         return HostScan(scan=result, services=services)
 
@@ -70,14 +68,14 @@ def build_scan_pipeline(config: Config, running: ScanFn | None) -> ScanPipeline:
         concurrency=fp.concurrency,
         nmap_service_probes=fp.nmap_service_probes,
     )
-    signatures = load_signatures(options) if fp.enabled else None
+    fingerprinter = Fingerprinter.load(options) if fp.enabled else None
     limit = _probe_limit(config)
     budget = previous.budget if previous and previous.budget.limit == limit else ProbeBudget(limit)
-    if previous and previous.fingerprint_options.concurrency == fp.concurrency:
+    if previous and previous.identify_concurrency == fp.concurrency:
         identify_limit = previous.identify_limit
     else:
         identify_limit = asyncio.Semaphore(fp.concurrency)
-    return ScanPipeline(budget, signatures, options, identify_limit)
+    return ScanPipeline(budget, fingerprinter, identify_limit, fp.concurrency)
 
 
 def _probe_limit(config: Config) -> int:

@@ -32,6 +32,11 @@ class ScanReport:
     def probes_total(self) -> Mapping[str, int]:
         return self._probes_total
 
+    def keep_only(self, hosts: set[str]) -> None:
+        """Drop the counters of hosts no longer configured: they are no longer exported."""
+        self._scans_total = {key: n for key, n in self._scans_total.items() if key[0] in hosts}
+        self._probes_total = {host: n for host, n in self._probes_total.items() if host in hosts}
+
     def scan_finished(self, spec: HostSpec, host_scan: HostScan, transition: Transition) -> None:
         result = host_scan.scan
         outcome = scan_outcome(result).value

@@ -290,6 +290,7 @@ class Daemon:
         self._schedule.max_running = config.scan.max_concurrent_hosts
         self._scan_fn = scan_fn
         self._planner = planner
+        self._report.keep_only(wanted)
         self._wake.set()
 
     # -- store upkeep -----------------------------------------------------------------------
