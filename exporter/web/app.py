@@ -4,7 +4,7 @@ Endpoints follow what Prometheus exporters serve (exporter-toolkit, Prometheus' 
 API), so that probes, scrape configs and scripts written for them work here:
 
   GET  /                        status page (HTML)
-  GET  {telemetry path}         the exposition (text format, or OpenMetrics when asked)
+  GET  {telemetry path}         the exposition (text format 0.0.4; gzip or deflate if asked)
   GET  /-/healthy, /-/ready     200, or 503 while the stored state is not loaded
   POST /-/reload (or PUT)       re-read the config; 500 "failed to reload config: ..."
   GET  /api/v1/hosts[/{host}]   hosts as JSON (see `jsonview`)
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gzip
 import json
 import time
 from collections.abc import Callable
@@ -42,8 +41,9 @@ from exporter.web.webconfig import WebConfig
 __all__ = ["PRODUCT", "Exposition", "build_app"]
 
 PRODUCT = "portscan-exporter"
-# What /metrics serves: the request's Accept header -> (body, content type).
-Exposition = Callable[[str], tuple[bytes, str]]
+# What /metrics serves: () -> (body, content type). One format whatever the request's Accept
+# (see exporter/web/metrics.py), so the body depends on the snapshot alone.
+Exposition = Callable[[], tuple[bytes, str]]
 DEFAULT_HISTORY_SINCE = "7d"
 MAX_REQUEST_BODY_BYTES = 64 * 1024
 # The page has no script and no external asset; a configured header replaces this one.
@@ -61,23 +61,6 @@ def _json(data: Any, status: int = 200) -> web.Response:
 async def _json_in_thread(build: Callable[[], Any]) -> web.Response:
     body = await asyncio.to_thread(lambda: json.dumps(build()).encode())
     return web.Response(body=body, content_type="application/json")
-
-
-def _accepts_gzip(header: str) -> bool:
-    for item in header.split(","):
-        coding, _, params = item.partition(";")
-        if coding.strip().lower() not in ("gzip", "*"):
-            continue
-        quality = 1.0
-        for param in params.split(";"):
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        return quality > 0
-    return False
 
 
 class _Endpoints:
@@ -116,21 +99,15 @@ class _Endpoints:
         )
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        accept = request.headers.get(hdrs.ACCEPT, "")
-        compress = _accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING, ""))
-        exposition = self.exposition
-
-        def render() -> tuple[bytes, str]:
-            output, content_type = exposition(accept)
-            if compress:
-                output = gzip.compress(output, compresslevel=6)
-            return output, content_type
-
-        body, content_type = await asyncio.to_thread(render)
-        headers = {hdrs.CONTENT_TYPE: content_type, hdrs.VARY: "Accept, Accept-Encoding"}
-        if compress:
-            headers[hdrs.CONTENT_ENCODING] = "gzip"
-        return web.Response(body=body, headers=headers)
+        body, content_type = await asyncio.to_thread(self.exposition)
+        response = web.Response(
+            body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.VARY: hdrs.ACCEPT_ENCODING}
+        )
+        # aiohttp picks deflate or gzip from Accept-Encoding as the response is sent, and
+        # compresses a body over 4 KiB in the loop's default executor (zlib drops the GIL), so a
+        # fleet's multi-MB exposition is compressed off the loop like it is rendered.
+        response.enable_compression()
+        return response
 
     async def healthy(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="Healthy\n")

@@ -7,10 +7,20 @@ ports costs a handful of series, not 65,535.
 
 A thousand hosts make some 40,000 samples. prometheus_client formats them one by one on
 every scrape (~0.3 s, several times that while scans compete for the interpreter), so the
-text of each host is rendered here instead, in the Prometheus text format 0.0.4, and kept
-until that host's view changes: the daemon reuses a host's `HostView` object while nothing
-about the host changed, so a scrape formats only the hosts scanned since the last one.
-Prometheus accepts the text format whatever it lists first in `Accept`.
+text of each host is rendered here instead and kept until that host's view changes: the
+daemon reuses a host's `HostView` object while nothing about the host changed, so a scrape
+formats only the hosts scanned since the last one. The process_*/python_* collectors are
+appended from a prometheus_client registry.
+
+One format: the Prometheus text format 0.0.4, whatever the scraper's `Accept` lists first.
+Prometheus asks for OpenMetrics first by default and parses whichever format the
+Content-Type names, as it does for node_exporter and blackbox_exporter (client_golang
+serves OpenMetrics only when the exporter opts in). What OpenMetrics adds would buy little
+here: every series but two counters is a gauge, there are no exemplars, `# UNIT` and the
+info type change no query, and the counters' `_created` samples would be stored as extra
+series by a Prometheus that does not run with created-timestamp ingestion. A second renderer
+(and a second per-host cache) is not worth that, so the body does not depend on `Accept`.
+Compression is the HTTP layer's (aiohttp, see app.py).
 """
 
 from __future__ import annotations
@@ -170,8 +180,8 @@ class SnapshotExposition:
         self._cache: dict[str, tuple[HostView, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, accept: str = "") -> tuple[bytes, str]:
-        """(body, content type); the text format whatever `accept` prefers."""
+    def __call__(self) -> tuple[bytes, str]:
+        """(body, content type) of one scrape."""
         snap = self._snapshot()
         with self._lock:
             cache = {}

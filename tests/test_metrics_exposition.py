@@ -1,0 +1,363 @@
+"""/metrics as Prometheus sees it: the production exposition, served for real and parsed.
+
+The app serves `SnapshotExposition` (what run.py wires) over snapshots of host states that
+the state machine produced from scans (the lab of test_http.py, counted by the daemon's
+ScanReport), with the process collectors run.py registers appended. Each body is fetched
+over HTTP with a real client, parsed with prometheus_client's parser and linted with
+`promtool check metrics`, which must stay silent (DESIGN.md). Only the text format 0.0.4 is
+served, whatever Accept asks for; compression is aiohttp's, negotiated from Accept-Encoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import shutil
+import subprocess
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter import __version__
+from exporter.daemon.snapshot import HostView, ReloadStatus, Snapshot
+from exporter.model import HostScan, ScanResult
+from exporter.state import HostState, step
+from exporter.store import Store
+from exporter.web.metrics import CONTENT_TYPE
+from tests.test_http import (
+    CONFIG_YAML,
+    NGINX,
+    NOW,
+    PORTS,
+    SPECS,
+    SSH,
+    Answer,
+    Lab,
+    LabControl,
+    fetch,
+    make_spec,
+    serving,
+)
+
+# What Prometheus 2.x sends on a scrape: OpenMetrics first, the text format as a fallback.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+PROMTOOL = shutil.which("promtool")
+requires_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)"
+)
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[LabControl]:
+    store = Store.open(tmp_path / "state.db")
+    lab = Lab(store)
+    lab.populate()
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG_YAML)
+    yield LabControl(lab, config)
+    store.close()
+
+
+def process_registry() -> CollectorRegistry:
+    """The registry run.py appends to the snapshot's series."""
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    return registry
+
+
+def constant_registry() -> CollectorRegistry:
+    """An appended registry whose text does not change between scrapes (python_info)."""
+    registry = CollectorRegistry()
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def parse(text: str) -> tuple[dict[str, str], Series]:
+    """(family name -> type, (sample name, labels) -> value); duplicates fail the test."""
+    types: dict[str, str] = {}
+    series: Series = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name not in types, f"family {family.name} exposed twice"
+        assert family.documentation, f"family {family.name} has no HELP"
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in series, f"series exposed twice: {key}"
+            series[key] = sample.value
+    return types, series
+
+
+def value(series: Series, name: str, **labels: str | int) -> float | None:
+    return series.get((name, frozenset((k, str(v)) for k, v in labels.items())))
+
+
+def promtool_check(body: bytes) -> str:
+    """What `promtool check metrics` prints about the exposition: nothing when it is clean."""
+    assert PROMTOOL is not None
+    done = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
+    report = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0 or report, "promtool failed without saying why"
+    return report
+
+
+def port(host: str, number: int) -> dict[str, str | int]:
+    return {"host": host, "port": number, "protocol": "tcp"}
+
+
+async def test_prometheus_reads_every_family(control: LabControl) -> None:
+    async with serving(control, process_registry()) as url:
+        answer = await fetch(url + "/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert answer.status == 200
+    # Asked for OpenMetrics first, as Prometheus does: the text format, and no OpenMetrics EOF.
+    assert answer.headers["Content-Type"] == CONTENT_TYPE
+    assert answer.headers["Vary"] == "Accept-Encoding"
+    assert "# EOF" not in answer.text
+    types, series = parse(answer.text)
+
+    gauges = (
+        "port_open", "port_expected", "port_unexpected_open", "port_expected_closed",
+        "port_service_changed", "port_change_pending", "port_service_info",
+        "port_tls_cert_expiry_timestamp_seconds", "port_last_change_timestamp_seconds",
+        "scan_success", "last_scan_timestamp_seconds", "last_scan_duration_seconds",
+        "next_scan_timestamp_seconds", "ports_scanned", "open_ports", "scan_in_progress",
+        "config_last_reload_successful", "config_last_reload_success_timestamp_seconds",
+        "build_info",
+    )  # fmt: skip
+    expected = {f"portscan_{name}": "gauge" for name in gauges}
+    # The text parser names a counter family without _total; its samples keep it.
+    expected |= {"portscan_scans": "counter", "portscan_probes_sent": "counter"}
+    assert {name: kind for name, kind in types.items() if name.startswith("portscan_")} == expected
+    assert types["process_cpu_seconds"] == "counter" and types["python_info"] == "gauge"
+
+    # db: 22 and 5432 learned as the baseline, 8080 opened on two scans -> PORT_NEW_OPEN.
+    db = "db.example.test"
+    assert value(series, "portscan_port_open", **port(db, 8080)) == 1
+    assert value(series, "portscan_port_expected", **port(db, 8080)) == 0
+    assert value(series, "portscan_port_unexpected_open", **port(db, 8080)) == 1
+    assert value(series, "portscan_port_unexpected_open", **port(db, 22)) == 0
+    assert value(series, "portscan_port_expected", **port(db, 22)) == 1
+    assert value(series, "portscan_port_last_change_timestamp_seconds", **port(db, 8080)) == (
+        NOW - 180
+    )
+    # Label values from scans survive escaping and parsing unchanged.
+    assert (
+        value(
+            series,
+            "portscan_port_service_info",
+            **port(db, 8080),
+            service="http",
+            product="<script>alert('product')</script>",
+            version='1.0"><b onmouseover=alert(1)>',
+        )
+        == 1
+    )
+    assert (
+        value(
+            series,
+            "portscan_port_service_info",
+            **port(db, 22),
+            service="ssh",
+            product="OpenSSH",
+            version="9.2p1",
+        )
+        == 1
+    )
+    # web: 443 closed on the last scan only -> pending, still open and expected.
+    web = "web.example.test"
+    pending = {
+        change: value(series, "portscan_port_change_pending", **port(web, 443), change=change)
+        for change in (
+            "PORT_NEW_OPEN", "PORT_NOW_CLOSED", "PORT_SERVICE_CHANGED", "RETURN_TO_BASELINE"
+        )
+    }  # fmt: skip
+    assert pending == {
+        "PORT_NEW_OPEN": 0, "PORT_NOW_CLOSED": 1, "PORT_SERVICE_CHANGED": 0,
+        "RETURN_TO_BASELINE": 0,
+    }  # fmt: skip
+    assert value(series, "portscan_port_open", **port(web, 443)) == 1
+    assert value(series, "portscan_port_expected_closed", **port(web, 443)) == 0
+    assert value(series, "portscan_port_tls_cert_expiry_timestamp_seconds", **port(web, 443)) == (
+        NOW + 30 * 86400
+    )
+    assert value(series, "portscan_last_scan_duration_seconds", host=web) == 0.25
+
+    # Per host: the unreachable host failed its last scan; the new one was never scanned.
+    assert value(series, "portscan_scan_success", host=db) == 1
+    assert value(series, "portscan_scan_success", host="192.0.2.50") == 0
+    assert value(series, "portscan_scan_success", host="new.example.test") is None
+    assert value(series, "portscan_scan_in_progress", host="new.example.test") == 1
+    assert value(series, "portscan_next_scan_timestamp_seconds", host=db) == NOW + 720
+    assert value(series, "portscan_last_scan_timestamp_seconds", host=db) == NOW - 180
+    assert value(series, "portscan_ports_scanned", host=db) == len(PORTS)
+    assert value(series, "portscan_open_ports", host=db) == 3
+    assert {
+        host: value(series, "portscan_open_ports", host=host) for host in (s.host for s in SPECS)
+    } == {
+        "db.example.test": 3, "web.example.test": 2, "mail.example.test": 1, "192.0.2.50": 1,
+        "new.example.test": 0, "2001:db8::10": 0,
+    }  # fmt: skip
+
+    # The daemon's counters, by result.
+    scans = {
+        (dict(labels)["host"], dict(labels)["result"]): count
+        for (name, labels), count in series.items()
+        if name == "portscan_scans_total"
+    }
+    assert scans == {
+        (db, "success"): 3, (web, "success"): 2, ("mail.example.test", "success"): 1,
+        ("192.0.2.50", "success"): 1, ("192.0.2.50", "unreachable"): 1,
+        ("retired.example.test", "success"): 1,
+    }  # fmt: skip
+    assert value(series, "portscan_probes_sent_total", host=db) == 0
+    assert value(series, "portscan_config_last_reload_successful") == 1
+    assert value(series, "portscan_config_last_reload_success_timestamp_seconds") == NOW - 3600
+    assert value(series, "portscan_build_info", version=__version__) == 1
+
+
+@requires_promtool
+async def test_promtool_finds_nothing_to_say(control: LabControl) -> None:
+    # A failed reload and a host with no answer yet exercise the rarer series too.
+    control.reload_status = dataclasses.replace(control.reload_status, successful=False)
+    control.publish()
+    async with serving(control, process_registry()) as url:
+        answer = await fetch(
+            url + "/metrics", headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
+        )
+    assert answer.status == 200
+    assert promtool_check(answer.body) == ""
+
+
+@requires_promtool
+def test_promtool_is_heard() -> None:
+    # The check above is only worth something if promtool reports what it finds.
+    bad = b"# TYPE portscan_things counter\nportscan_things 1\n"
+    assert "portscan_things" in promtool_check(bad)
+
+
+async def test_compression_follows_accept_encoding(control: LabControl) -> None:
+    async with serving(control, constant_registry()) as url:
+        plain = await fetch(url + "/metrics", skip_auto_headers=["Accept-Encoding"])
+
+        async def raw(encoding: str) -> Answer:
+            return await fetch(
+                url + "/metrics", headers={"Accept-Encoding": encoding}, decompress=False
+            )
+
+        zipped = await raw("gzip")
+        deflated = await raw("deflate")
+        identity = await raw("identity")
+        unsupported = await raw("br")
+        head = await fetch(url + "/metrics", "HEAD", headers={"Accept-Encoding": "gzip"})
+    assert plain.status == 200 and "Content-Encoding" not in plain.headers
+    assert plain.text.startswith("# HELP portscan_port_open ")
+    assert len(plain.body) > 4096  # large enough for aiohttp to compress it in a thread
+
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    assert int(zipped.headers["Content-Length"]) == len(zipped.body) < len(plain.body) / 4
+    assert gzip.decompress(zipped.body) == plain.body
+    assert deflated.headers["Content-Encoding"] == "deflate"
+    assert zlib.decompress(deflated.body) == plain.body
+    for answer in (identity, unsupported):
+        assert "Content-Encoding" not in answer.headers and answer.body == plain.body
+    for answer in (plain, zipped, deflated, identity, unsupported, head):
+        assert answer.headers["Content-Type"] == CONTENT_TYPE
+        assert answer.headers["Vary"] == "Accept-Encoding"
+    assert head.status == 200 and head.body == b""
+
+
+async def test_a_new_scan_reaches_the_next_scrape(control: LabControl) -> None:
+    """The scanned host's new view is rendered; the views the daemon kept come from the cache."""
+    web = "web.example.test"
+    async with serving(control, constant_registry()) as url:
+        before = await fetch(url + "/metrics")
+        # The daemon publishes a snapshot that reuses the HostView of every host not scanned.
+        control.lab.scan(web, 0, {80: NGINX}, duration=0.5)
+        old = control.snapshot
+        views = tuple(
+            dataclasses.replace(view, state=control.lab.states[web]) if view.host == web else view
+            for view in old.hosts
+        )
+        control._snapshot = dataclasses.replace(
+            old,
+            hosts=views,
+            scans_total=dict(control.lab.report.scans_total),
+        )
+        after = await fetch(url + "/metrics")
+    _, was = parse(before.text)
+    _, now = parse(after.text)
+    # The second scan in a row with 443 closed confirms PORT_NOW_CLOSED.
+    assert value(was, "portscan_port_expected_closed", **port(web, 443)) == 0
+    assert value(now, "portscan_port_expected_closed", **port(web, 443)) == 1
+    assert value(now, "portscan_port_open", **port(web, 443)) == 0
+    assert value(now, "portscan_port_tls_cert_expiry_timestamp_seconds", **port(web, 443)) is None
+    assert value(now, "portscan_last_scan_duration_seconds", host=web) == 0.5
+    assert value(now, "portscan_scans_total", host=web, result="success") == 3
+    assert (
+        value(now, "portscan_port_change_pending", **port(web, 443), change="PORT_NOW_CLOSED") == 0
+    )
+    # Nothing else moved.
+    changed = {key for key in was.keys() | now.keys() if was.get(key) != now.get(key)}
+    assert changed and all(dict(labels)["host"] == web for _, labels in changed)
+
+
+def fleet_snapshot(hosts: int, ports_per_host: int) -> Snapshot:
+    """A fleet past its first scan: every host learned `ports_per_host` open ports."""
+    views = []
+    for i in range(hosts):
+        name = f"host-{i:05}.fleet.example.test"
+        spec = make_spec(name)
+        opened = {22 + 100 * k: SSH for k in range(ports_per_host)}
+        result = ScanResult(
+            name,
+            f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+            NOW - 60,
+            2.0,
+            len(PORTS),
+            True,
+            tuple(sorted(opened)),
+            tuple(p for p in PORTS if p not in opened),
+            probes_sent=len(PORTS),
+        )
+        state = step(
+            HostState.initial(name),
+            HostScan(result, opened),
+            expected_open=None,
+            scanned_ports=spec.ports,
+            confirmations=spec.confirmations,
+        ).new_state
+        views.append(HostView(spec, state, NOW + 3600))
+    return Snapshot(
+        hosts=tuple(views),
+        reload=ReloadStatus(True, NOW - 3600, NOW - 3600),
+        started_at=NOW - 86400,
+        config_path="config.yaml",
+        ready=True,
+    )
+
+
+async def test_a_large_fleet_is_served_compressed(control: LabControl) -> None:
+    fleet = fleet_snapshot(1000, 4)
+    control._snapshot = fleet
+    async with serving(control, constant_registry()) as url:
+        zipped = await fetch(
+            url + "/metrics", headers={"Accept-Encoding": "gzip"}, decompress=False
+        )
+    assert zipped.headers["Content-Encoding"] == "gzip"
+    body = gzip.decompress(zipped.body)
+    assert len(body) > 3_000_000
+    _, series = parse(body.decode())
+    opened = [key for key, v in series.items() if key[0] == "portscan_port_open" and v == 1]
+    assert len(opened) == 4000
+    assert value(series, "portscan_open_ports", host="host-00999.fleet.example.test") == 4
