@@ -8,8 +8,9 @@ standard ports: nginx (80, 443 with TLS, 8080), OpenSSH, Postfix (25, 465), Dove
 three ways, in the same order each time:
 
   ours       the engine in this process (what the daemon pays per scan)
-  ours-cli   `python -m exporter.fingerprint` as a whole process inside the namespace,
-             interpreter start-up and database loading included, like nmap's own start-up
+  ours-cli   `python -m exporter scan --format json` as a whole process inside the
+             namespace: interpreter start-up, database loading and a TCP scan of the same
+             ports included, like nmap's own start-up and port scan
   nmap       `nmap -sV -Pn -n -p PORTS -oX - 127.0.0.1` inside the namespace
 
 With --nmap-service-probes PATH, two more rows use our engine with nmap's database merged
@@ -37,11 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.fingerprint import (  # noqa: E402
-    FingerprintOptions,
-    SignatureDB,
-    identify_ports_detailed,
-)
+from exporter.fingerprint import Fingerprinter, FingerprintOptions, SignatureDB  # noqa: E402
 from exporter.model import ServiceIdentity  # noqa: E402
 from tests.services.lab import ADDRESS, ServiceLab, unavailable_reason  # noqa: E402
 
@@ -102,19 +99,20 @@ def run_nmap(lab: ServiceLab, ports: str) -> tuple[float, dict[int, NmapService]
 def run_cli(lab: ServiceLab, ports: str, *extra: str) -> tuple[float, dict[int, str]]:
     started = time.monotonic()
     out = lab.ns.run(
-        "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "exporter.fingerprint",
-        "--json", *extra, ADDRESS, ports,
+        "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "exporter", "scan", ADDRESS,
+        "--ports", ports, "--format", "json", *extra,
     ).stdout  # fmt: skip
     wall = time.monotonic() - started
-    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    records = json.loads(out)["ports"]
     return wall, {int(r["port"]): str(r["fingerprint"]) for r in records}
 
 
 async def run_ours(
-    lab: ServiceLab, ports: list[int], db: SignatureDB, options: FingerprintOptions
+    lab: ServiceLab, ports: list[int], db: SignatureDB
 ) -> tuple[float, dict[int, ServiceIdentity]]:
     started = time.monotonic()
-    results = await identify_ports_detailed(ADDRESS, ports, db=db, options=options, dialer=lab.dial)
+    fingerprinter = Fingerprinter(db, FingerprintOptions(), dialer=lab.dial)
+    results = await fingerprinter.identify_ports(ADDRESS, ports)
     return time.monotonic() - started, {p: r.identity for p, r in results.items()}
 
 
@@ -131,7 +129,7 @@ def main() -> int:
         print("nmap is not installed (Debian package nmap)", file=sys.stderr)
         return 2
 
-    db, options = SignatureDB.builtin(), FingerprintOptions()
+    db = SignatureDB.builtin()
     timings = {"ours": Runs(), "ours-cli": Runs(), "nmap": Runs()}
     merged_db: SignatureDB | None = None
     if args.nmap_service_probes is not None:
@@ -146,7 +144,7 @@ def main() -> int:
         ours: dict[int, ServiceIdentity] = {}
         nmap: dict[int, NmapService] = {}
         for run in range(args.runs):
-            wall, ours = asyncio.run(run_ours(lab, ports, db, options))
+            wall, ours = asyncio.run(run_ours(lab, ports, db))
             timings["ours"].walls.append(wall)
             for port, identity in ours.items():
                 fingerprints.setdefault(port, set()).add(identity.fingerprint)
@@ -157,7 +155,7 @@ def main() -> int:
             wall, nmap = run_nmap(lab, port_list)
             timings["nmap"].walls.append(wall)
             if merged_db is not None:
-                wall, merged = asyncio.run(run_ours(lab, ports, merged_db, options))
+                wall, merged = asyncio.run(run_ours(lab, ports, merged_db))
                 timings["ours+nmapdb"].walls.append(wall)
                 for port, identity in merged.items():
                     fingerprints.setdefault(port, set()).add(identity.fingerprint)

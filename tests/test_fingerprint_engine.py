@@ -22,23 +22,15 @@ from pathlib import Path
 import pytest
 
 from exporter import eventloop
-from exporter.fingerprint import (
-    FingerprintOptions,
-    Identification,
-    SignatureDB,
-    identify_port,
-    identify_port_detailed,
-    identify_ports,
-    identify_ports_detailed,
-    load_signatures,
-)
-from exporter.model import ServiceIdentity
+from exporter.fingerprint import Fingerprinter, FingerprintOptions, Identification, SignatureDB
+from exporter.model import ScanResult, ServiceIdentity
 from tests.services import hostile
 from tests.services.lab import Certificate, make_certificate
 
 LOOPBACK = "127.0.0.1"
 NMAP_PROBES = Path("/usr/share/nmap/nmap-service-probes")
 SLACK = 0.75  # scheduling slack on a busy 2-core machine
+BUILTIN = Fingerprinter(SignatureDB.builtin())
 
 
 @dataclass
@@ -130,8 +122,8 @@ async def test_a_hostile_service_costs_at_most_the_bounds(
     kind: str, hostile_ports: dict[str, int]
 ) -> None:
     options = FingerprintOptions(timeout=1.5, max_bytes=16384)
-    result = await identify_port_detailed(
-        LOOPBACK, hostile_ports[kind], db=SignatureDB.builtin(), options=options
+    result = await Fingerprinter(SignatureDB.builtin(), options).identify(
+        LOOPBACK, hostile_ports[kind]
     )
     _assert_bounded(result, options)
     if kind in ("flood", "huge"):
@@ -149,8 +141,8 @@ async def test_a_hostile_service_costs_at_most_the_bounds(
 
 async def test_a_small_byte_limit_holds(hostile_ports: dict[str, int]) -> None:
     options = FingerprintOptions(max_bytes=1000)
-    result = await identify_port_detailed(
-        LOOPBACK, hostile_ports["flood"], db=SignatureDB.builtin(), options=options
+    result = await Fingerprinter(SignatureDB.builtin(), options).identify(
+        LOOPBACK, hostile_ports["flood"]
     )
     assert result.bytes_read == 1000
     assert result.identity.banner.startswith("FLOOD FLOOD")
@@ -162,9 +154,7 @@ async def test_hostile_ports_do_not_stop_the_others(
     options = FingerprintOptions(timeout=1.5)
     ports = [*hostile_ports.values(), http_server[0]]
     started = time.monotonic()
-    results = await identify_ports_detailed(
-        LOOPBACK, ports, db=SignatureDB.builtin(), options=options
-    )
+    results = await Fingerprinter(SignatureDB.builtin(), options).identify_ports(LOOPBACK, ports)
     assert time.monotonic() - started <= options.timeout + SLACK  # concurrently, not in turn
     assert results[http_server[0]].identity.service == "http"
     for port in hostile_ports.values():
@@ -177,10 +167,10 @@ async def test_hostile_ports_stay_bounded_with_nmap_rules(
 ) -> None:
     # About 11,000 more patterns, some of which backtrack badly on a flood: still bounded.
     options = FingerprintOptions(timeout=1.5, nmap_service_probes=NMAP_PROBES)
-    db = load_signatures(options)
+    fingerprinter = Fingerprinter.load(options)
     ports = [*hostile_ports.values(), http_server[0]]
     started = time.monotonic()
-    results = await identify_ports_detailed(LOOPBACK, ports, db=db, options=options)
+    results = await fingerprinter.identify_ports(LOOPBACK, ports)
     assert time.monotonic() - started <= options.timeout + SLACK
     assert results[http_server[0]].identity.product == "Python http.server"
     for port in hostile_ports.values():
@@ -192,13 +182,8 @@ async def test_hostile_ports_stay_bounded_with_nmap_rules(
 
 async def test_python_http_server_with_the_host_header(http_server: tuple[int, Seen]) -> None:
     port, seen = http_server
-    identity = await identify_port(
-        LOOPBACK,
-        port,
-        db=SignatureDB.builtin(),
-        options=FingerprintOptions(),
-        server_name="app.example.test",
-    )
+    result = await BUILTIN.identify(LOOPBACK, port, server_name="app.example.test")
+    identity = result.identity
     assert (identity.service, identity.product) == ("http", "Python http.server")
     assert identity.version == platform.python_version()
     assert identity.tls is None
@@ -227,36 +212,20 @@ async def test_tls_details_of_a_python_https_server(
     https_server: tuple[int, Seen], certificate: Certificate
 ) -> None:
     port, seen = https_server
-    identity = await identify_port(
-        LOOPBACK,
-        port,
-        db=SignatureDB.builtin(),
-        options=FingerprintOptions(),
-        server_name="app.example.test",
-    )
-    _check_https(port, certificate, seen, identity)
+    result = await BUILTIN.identify(LOOPBACK, port, server_name="app.example.test")
+    _check_https(port, certificate, seen, result.identity)
 
 
 def test_tls_under_uvloop(https_server: tuple[int, Seen], certificate: Certificate) -> None:
     port, seen = https_server
-    identity = eventloop.run(
-        identify_port(
-            LOOPBACK,
-            port,
-            db=SignatureDB.builtin(),
-            options=FingerprintOptions(),
-            server_name="app.example.test",
-        )
-    )
-    _check_https(port, certificate, seen, identity)
+    result = eventloop.run(BUILTIN.identify(LOOPBACK, port, server_name="app.example.test"))
+    _check_https(port, certificate, seen, result.identity)
 
 
 async def test_no_sni_for_an_address(https_server: tuple[int, Seen]) -> None:
     port, seen = https_server
-    identity = await identify_port(
-        LOOPBACK, port, db=SignatureDB.builtin(), options=FingerprintOptions()
-    )
-    assert identity.service == "https"
+    result = await BUILTIN.identify(LOOPBACK, port)
+    assert result.identity.service == "https"
     assert seen.sni == [None]
     assert seen.hosts == [f"{LOOPBACK}:{port}"]
 
@@ -265,10 +234,9 @@ async def test_same_identity_when_asked_again(
     https_server: tuple[int, Seen], http_server: tuple[int, Seen]
 ) -> None:
     ports = [https_server[0], http_server[0]]
-    db, options = SignatureDB.builtin(), FingerprintOptions()
-    rounds = [await identify_ports(LOOPBACK, ports, db=db, options=options) for _ in range(3)]
+    rounds = [await BUILTIN.identify_ports(LOOPBACK, ports) for _ in range(3)]
     for port in ports:
-        assert len({identities[port].fingerprint for identities in rounds}) == 1
+        assert len({results[port].identity.fingerprint for results in rounds}) == 1
 
 
 def _ipv6_loopback() -> bool:
@@ -292,9 +260,7 @@ async def test_ipv6_address() -> None:
     thread.start()
     port = server.server_address[1]
     try:
-        identity = await identify_port(
-            "::1", port, db=SignatureDB.builtin(), options=FingerprintOptions()
-        )
+        identity = (await BUILTIN.identify("::1", port)).identity
     finally:
         server.shutdown()
         server.server_close()
@@ -322,12 +288,8 @@ async def test_a_late_greeting_is_still_recognised() -> None:
     server = await _slow_greeter(0.6)
     port = server.sockets[0].getsockname()[1]
     try:
-        result = await identify_port_detailed(
-            LOOPBACK,
-            port,
-            db=SignatureDB.builtin(),
-            options=FingerprintOptions(banner_wait=0.2),
-        )
+        options = FingerprintOptions(banner_wait=0.2)
+        result = await Fingerprinter(SignatureDB.builtin(), options).identify(LOOPBACK, port)
     finally:
         server.close()
     assert result.probes_sent >= 1  # nothing came in time: a probe went out
@@ -348,9 +310,8 @@ async def test_excluded_ports_get_no_probe() -> None:
         "Probe TCP hello q|HELLO\\r\\n|\nrarity 1\nmatch demo m|^OK| p/Demo/\n"
     )
     try:
-        result = await identify_port_detailed(
-            LOOPBACK, port, db=db, options=FingerprintOptions(timeout=1.0, banner_wait=0.2)
-        )
+        options = FingerprintOptions(timeout=1.0, banner_wait=0.2)
+        result = await Fingerprinter(db, options).identify(LOOPBACK, port)
     finally:
         server.close()
     assert result.probes_sent == 0 and received == b""
@@ -361,15 +322,10 @@ async def test_refused_port() -> None:
     holder = socket.socket()
     holder.bind((LOOPBACK, 0))  # bound, not listening: connections are refused
     try:
-        identity = await identify_port(
-            LOOPBACK,
-            holder.getsockname()[1],
-            db=SignatureDB.builtin(),
-            options=FingerprintOptions(),
-        )
+        result = await BUILTIN.identify(LOOPBACK, holder.getsockname()[1])
     finally:
         holder.close()
-    assert (identity.service, identity.extra) == ("unknown", "connection refused")
+    assert (result.identity.service, result.identity.extra) == ("unknown", "connection refused")
 
 
 async def test_one_failing_port_does_not_fail_the_others(http_server: tuple[int, Seen]) -> None:
@@ -384,29 +340,24 @@ async def test_one_failing_port_does_not_fail_the_others(http_server: tuple[int,
         await loop.sock_connect(sock, (address, port))
         return sock
 
-    results = await identify_ports(
-        LOOPBACK,
-        [broken, http_server[0]],
-        db=SignatureDB.builtin(),
-        options=FingerprintOptions(),
-        dialer=dialer,
-    )
-    assert results[broken].service == "unknown"
-    assert "dialer bug" in results[broken].extra
-    assert results[http_server[0]].product == "Python http.server"
+    fingerprinter = Fingerprinter(SignatureDB.builtin(), dialer=dialer)
+    results = await fingerprinter.identify_ports(LOOPBACK, [broken, http_server[0]])
+    assert results[broken].identity.service == "unknown"
+    assert "dialer bug" in results[broken].identity.extra
+    assert results[http_server[0]].identity.product == "Python http.server"
 
 
 async def test_concurrency_limit(hostile_ports: dict[str, int]) -> None:
     servers = [await hostile.start("silent") for _ in range(3)]
     ports = [server.sockets[0].getsockname()[1] for server in servers]
     options = FingerprintOptions(timeout=0.3, banner_wait=0.1)
-    db = SignatureDB.builtin()
+    fingerprinter = Fingerprinter(SignatureDB.builtin(), options)
     try:
         started = time.monotonic()
-        await identify_ports(LOOPBACK, ports, db=db, options=options, limiter=asyncio.Semaphore(1))
+        await fingerprinter.identify_ports(LOOPBACK, ports, limiter=asyncio.Semaphore(1))
         one_at_a_time = time.monotonic() - started
         started = time.monotonic()
-        await identify_ports(LOOPBACK, ports, db=db, options=options)
+        await fingerprinter.identify_ports(LOOPBACK, ports)
         together = time.monotonic() - started
     finally:
         for server in servers:
@@ -425,9 +376,9 @@ def test_options_are_validated(kwargs: dict[str, float]) -> None:
 
 
 def test_nmap_path_is_optional(tmp_path: Path) -> None:
-    assert load_signatures(FingerprintOptions()) is SignatureDB.builtin()
+    assert Fingerprinter.load(FingerprintOptions()).db is SignatureDB.builtin()
     with pytest.raises(OSError):
-        load_signatures(FingerprintOptions(nmap_service_probes=tmp_path / "missing"))
+        Fingerprinter.load(FingerprintOptions(nmap_service_probes=tmp_path / "missing"))
 
 
 def test_certificate_names_are_sanitized() -> None:
@@ -460,3 +411,37 @@ def test_certificate_names_are_sanitized() -> None:
         assert text.isprintable(), text
     assert info.subject == "CN=evil\\n\\x1b[31mred\\x07"
     assert info.sans == ("a\\nb\\x1b[2J",)
+
+
+# -- identify_scanned: what the daemon and the scan command call ---------------------------------
+
+
+def _scan(host: str, address: str, open_ports: list[int], error: str | None = None) -> ScanResult:
+    return ScanResult(
+        host=host,
+        address=address,
+        started=time.time(),
+        duration_seconds=0.01,
+        ports_scanned=len(open_ports),
+        answered=error is None,
+        open=tuple(open_ports),
+        error=error,
+    )
+
+
+async def test_identify_scanned_sends_the_scanned_name(
+    https_server: tuple[int, Seen], http_server: tuple[int, Seen]
+) -> None:
+    ports = [https_server[0], http_server[0]]
+    services = await BUILTIN.identify_scanned(_scan("app.example.test", LOOPBACK, ports))
+    assert sorted(services) == sorted(ports)
+    assert services[https_server[0]].service == "https"
+    assert services[http_server[0]].product == "Python http.server"
+    assert https_server[1].sni == ["app.example.test"]
+    assert http_server[1].hosts == [f"app.example.test:{http_server[0]}"]
+
+
+async def test_identify_scanned_has_nothing_to_do_for_a_failed_or_empty_scan() -> None:
+    assert await BUILTIN.identify_scanned(_scan(LOOPBACK, LOOPBACK, [])) == {}
+    failed = _scan(LOOPBACK, LOOPBACK, [80], error="name does not resolve")
+    assert await BUILTIN.identify_scanned(failed) == {}

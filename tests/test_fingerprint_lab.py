@@ -16,14 +16,7 @@ from pathlib import Path
 import pytest
 
 from exporter import eventloop
-from exporter.fingerprint import (
-    FingerprintOptions,
-    Identification,
-    SignatureDB,
-    identify_ports,
-    identify_ports_detailed,
-    load_signatures,
-)
+from exporter.fingerprint import Fingerprinter, FingerprintOptions, Identification
 from exporter.model import ServiceIdentity
 from tests.services.lab import (
     ADDRESS,
@@ -54,16 +47,16 @@ def lab() -> Iterator[ServiceLab]:
 
 
 def scan(
-    lab: ServiceLab, ports: list[int], db: SignatureDB, options: FingerprintOptions
+    lab: ServiceLab, ports: list[int], options: FingerprintOptions | None = None
 ) -> dict[int, Identification]:
-    return eventloop.run(
-        identify_ports_detailed(ADDRESS, ports, db=db, options=options, dialer=lab.dial)
-    )
+    """Identify `ports` of the lab, with nmap's database merged in when `options` say so."""
+    fingerprinter = Fingerprinter.load(options or FingerprintOptions(), dialer=lab.dial)
+    return eventloop.run(fingerprinter.identify_ports(ADDRESS, ports))
 
 
 @pytest.fixture(scope="module")
 def first_scan(lab: ServiceLab) -> dict[int, Identification]:
-    return scan(lab, sorted(lab.ports), SignatureDB.builtin(), FingerprintOptions())
+    return scan(lab, sorted(lab.ports))
 
 
 def running(lab: ServiceLab, port: int) -> None:
@@ -110,7 +103,7 @@ def test_tls_details_match_the_certificate(
 
 def test_starttls_can_be_turned_off(lab: ServiceLab, first_scan: dict[int, Identification]) -> None:
     ports = [port for port in STARTTLS_PORTS if port in lab.ports]
-    results = scan(lab, ports, SignatureDB.builtin(), FingerprintOptions(starttls=False))
+    results = scan(lab, ports, FingerprintOptions(starttls=False))
     for port in ports:
         plain, upgraded = results[port].identity, first_scan[port].identity
         assert plain.tls is None and upgraded.tls is not None
@@ -121,17 +114,14 @@ def test_ten_scans_give_identical_fingerprints(
     lab: ServiceLab, first_scan: dict[int, Identification]
 ) -> None:
     ports = sorted(lab.ports)
-    db, options = SignatureDB.builtin(), FingerprintOptions()
+    fingerprinter = Fingerprinter.load(FingerprintOptions(), dialer=lab.dial)
 
-    async def ten() -> list[dict[int, ServiceIdentity]]:
-        return [
-            await identify_ports(ADDRESS, ports, db=db, options=options, dialer=lab.dial)
-            for _ in range(10)
-        ]
+    async def ten() -> list[dict[int, Identification]]:
+        return [await fingerprinter.identify_ports(ADDRESS, ports) for _ in range(10)]
 
     rounds = eventloop.run(ten())
     for port in ports:
-        seen = {identities[port].fingerprint for identities in rounds}
+        seen = {results[port].identity.fingerprint for results in rounds}
         assert seen == {first_scan[port].identity.fingerprint}, (port, seen)
 
 
@@ -139,7 +129,7 @@ def test_hostile_services_next_to_real_ones(
     lab: ServiceLab, first_scan: dict[int, Identification]
 ) -> None:
     options = FingerprintOptions(timeout=2.0)
-    results = scan(lab, [*lab.ports, *HOSTILE_PORTS.values()], SignatureDB.builtin(), options)
+    results = scan(lab, [*lab.ports, *HOSTILE_PORTS.values()], options)
     for kind, port in HOSTILE_PORTS.items():
         result = results[port]
         assert result.duration_seconds <= options.timeout + 0.75, (kind, result)
@@ -154,23 +144,22 @@ def test_hostile_services_next_to_real_ones(
 def test_with_nmap_probes_merged_the_lab_reads_the_same(
     lab: ServiceLab, first_scan: dict[int, Identification]
 ) -> None:
-    options = FingerprintOptions(nmap_service_probes=NMAP_PROBES)
-    results = scan(lab, sorted(lab.ports), load_signatures(options), options)
+    results = scan(lab, sorted(lab.ports), FingerprintOptions(nmap_service_probes=NMAP_PROBES))
     for port in lab.ports:
         merged, builtin = results[port].identity, first_scan[port].identity
         assert (brief(merged), merged.extra) == (brief(builtin), builtin.extra), port
         assert merged.fingerprint == builtin.fingerprint
 
 
-def test_command_line_inside_the_namespace(lab: ServiceLab) -> None:
+def test_the_scan_command_inside_the_namespace(lab: ServiceLab) -> None:
     ports = [port for port in (22, 443) if port in lab.ports]
     if not ports:
         pytest.skip("neither sshd nor nginx is running in the lab")
     out = lab.ns.run(
-        "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "exporter.fingerprint", "--json",
-        "--server-name", SERVER_NAME, ADDRESS, ",".join(map(str, ports)),
+        "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "exporter", "scan", ADDRESS,
+        "--ports", ",".join(map(str, ports)), "--format", "json",
     ).stdout  # fmt: skip
-    records = {record["port"]: record for record in map(json.loads, out.splitlines())}
+    records = {record["port"]: record for record in json.loads(out)["ports"]}
     assert sorted(records) == ports
     for port in ports:
         expected = lab.expected()[port]

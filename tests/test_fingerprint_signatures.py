@@ -1,8 +1,7 @@
-"""Signature database, PCRE conversion and sanitizing: the parts of fingerprinting without I/O."""
+"""Signature database, PCRE on `regex` and sanitizing: the parts of fingerprinting without I/O."""
 
 from __future__ import annotations
 
-import re
 import struct
 import time
 from pathlib import Path
@@ -10,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from exporter.fingerprint import SignatureDB, SignatureError, sanitize, tls_service_name
-from exporter.fingerprint.pcre import UnsupportedPattern, pcre_to_python
-from exporter.fingerprint.signatures import NULL_PROBE, PortRanges, decode_payload
+from exporter.fingerprint.pcre import UnsupportedPattern, compile_pcre, pcre_to_regex, search
+from exporter.fingerprint.probefile import PortRanges, decode_payload
+from exporter.fingerprint.signatures import MATCH_TIME_LIMIT, NULL_PROBE, RULE_TIME_LIMIT
 from exporter.model import ServiceIdentity
 
 NMAP_PROBES = Path("/usr/share/nmap/nmap-service-probes")
@@ -286,39 +286,109 @@ def test_tls_service_names(inner: str, name: str) -> None:
     assert tls_service_name(inner) == name
 
 
-# -- PCRE to Python ------------------------------------------------------------------------------
+# -- PCRE on the regex package ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("pcre", "python"),
+    ("pcre", "rewritten"),
     [
-        (r"^SSH-([\d.]+)", r"^SSH-([\d.]+)"),
         (r"^a\Q.*+?\Eb", r"^a\.\*\+\?b"),
-        (r"^x\z", r"^x\Z"),
-        (r"^x\Z", r"^x(?=\n?\Z)"),
-        (r"a\hb", r"a[ \t]b"),
-        (r"[\h]", r"[ \t]"),
-        (r"\e\cA\x{41}\x7", r"\x1b\x01\x41\x07"),
-        (r"[[:alpha:][:digit:]_]", r"[a-zA-Z0-9_]"),
-        (r"(?<ver>\d+)-\k<ver>", r"(?P<ver>\d+)-(?P=ver)"),
-        (r"[a[b]", r"[a\[b]"),
-        (r"[]a]", r"[\]a]"),
-        (r"(?i)^abc(?s:.)", r"(?i)^abc(?s:.)"),
-        (r"a*+b++(?>c)", r"a*+b++(?>c)"),
+        (r"[\Q]\E]x", r"[\]]x"),
+        (r"^x\Z", r"^x(?=\n?\z)"),
+        (r"a\hb[\h]", r"a[\t \xa0]b[\t \xa0]"),
+        (r"\v\V\H\N", r"[\n\x0b\x0c\r\x85][^\n\x0b\x0c\r\x85][^\t \xa0][^\n]"),
+        (r"\e\cA\x{41}\x7\x", r"\x1b\x01\x41\x07\x00"),
+        (r"(?<v>\d+)-\k<v>-\k{v}", r"(?<v>\d+)-(?P=v)-(?P=v)"),
+        (r"(?'v'a)\k'v'", r"(?P<v>a)(?P=v)"),
+        (r"a{2}b{2,}c{2,3}\d+{i}{,3}[{]", r"a{2}b{2,}c{2,3}\d+\{i}\{,3}[{]"),
     ],
 )
-def test_pcre_conversion(pcre: str, python: str) -> None:
-    assert pcre_to_python(pcre) == python
-    re.compile(python.encode("latin-1"))
+def test_what_regex_lacks_is_rewritten(pcre: str, rewritten: str) -> None:
+    assert pcre_to_regex(pcre) == rewritten
+    compile_pcre(pcre)
 
 
 @pytest.mark.parametrize(
     "pcre",
-    [r"(a|(?R))", r"(?1)", r"a\Kb", r"\Ga", r"a(?i)b", r"\x{263a}", r"[[:^alpha:]]", r"\p{L}"],
+    [
+        r"^SSH-([\d.]+)-OpenSSH_([\w._-]+)\r\n",
+        r"(a|(?R))",
+        r"a\Kb",
+        r"(?|(a)|(b))",
+        r"(a)?(?(1)b|c)",
+        r"a(?i)b",
+        r"a*+b++(?>c)",
+        r"[[:alpha:][:digit:]_]",
+        r"[]a[]",
+        r"\x41\0\012",
+    ],
 )
-def test_pcre_features_python_lacks_are_refused(pcre: str) -> None:
+def test_what_regex_runs_is_left_as_written(pcre: str) -> None:
+    assert pcre_to_regex(pcre) == pcre
+
+
+@pytest.mark.parametrize(
+    ("pcre", "data", "expected"),
+    [
+        # Features Python's re lacks, with PCRE's meaning.
+        (r"^(\((?:[^()]|(?1))*\))", b"((a)(b))c", b"((a)(b))"),  # recursion
+        (r"^KEEP\K(\d+)", b"KEEP42", b"42"),  # \K: the match starts at 42
+        (r"^(?:(a)|b)(?(1)x|y)", b"by", b"by"),  # conditional
+        (r"^(?|v(\d+)|ver (\d+))", b"ver 7", b"ver 7"),  # branch reset: both are group 1
+        (r"^A(?i)bc", b"ABC", b"ABC"),  # a flag switched on halfway...
+        (r"^A(?i)bc", b"aBC", None),  # ... applies from there on only
+        (r"^(a(?i)b)c", b"aBC", None),  # ... and only to the end of its group
+        (r"^x\Z", b"x\n", b"x"),  # PCRE's \Z allows a final newline
+        (r"^x\z", b"x\n", None),
+        (r"^[[:punct:]]+", b"$+<=>^`|~!", b"$+<=>^`|~!"),
+        (r"^\w+", b"caf\xe9", b"caf"),  # ASCII semantics, as PCRE on bytes
+    ],
+)
+def test_patterns_mean_what_they_mean_to_pcre(pcre: str, data: bytes, expected: bytes) -> None:
+    found = compile_pcre(pcre).search(data)
+    assert (found.group(0) if found else None) == expected
+    if pcre == r"^(?|v(\d+)|ver (\d+))" and found is not None:
+        assert found.group(1) == b"7"
+
+
+@pytest.mark.parametrize(
+    "pcre", [r"\x{263a}", r"(\d)\g{1}", r"(?<n>a)\g<n>", r"a\Cb", r"\k", r"\x{zz}"]
+)
+def test_what_regex_would_misread_is_refused(pcre: str) -> None:
     with pytest.raises(UnsupportedPattern):
-        pcre_to_python(pcre)
+        pcre_to_regex(pcre)
+
+
+# A pattern that backtracks exponentially when the answer almost matches.
+PATHOLOGICAL = "^(a|aa)+$"
+ALMOST = b"a" * 64 + b"!"
+
+
+def test_a_pathological_pattern_costs_at_most_the_rule_limit() -> None:
+    slow = compile_pcre(PATHOLOGICAL)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        search(slow, ALMOST, 0.2)
+    assert time.monotonic() - started < 0.2 + 0.3
+
+
+def test_matching_a_hostile_answer_is_bounded() -> None:
+    # One slow rule times out and does not match; the rule after it still does.
+    one = SignatureDB.from_nmap_text(
+        f"Probe TCP NULL q||\nmatch slow m/{PATHOLOGICAL}/\nmatch fine m|^a+!| p/Fine/\n"
+    )
+    started = time.monotonic()
+    found = one.match(NULL_PROBE, ALMOST)
+    assert RULE_TIME_LIMIT * 0.9 <= time.monotonic() - started < RULE_TIME_LIMIT + 0.3
+    assert found is not None and found.product == "Fine"
+    # Many slow rules: the whole call stops at its own limit, not at many rule limits.
+    many = SignatureDB.from_nmap_text(
+        "Probe TCP NULL q||\n" + f"match slow m/{PATHOLOGICAL}/\n" * 40
+    )
+    assert 40 * RULE_TIME_LIMIT > 2 * MATCH_TIME_LIMIT
+    started = time.monotonic()
+    assert many.match(NULL_PROBE, ALMOST) is None
+    assert MATCH_TIME_LIMIT * 0.9 <= time.monotonic() - started < MATCH_TIME_LIMIT + 0.3
 
 
 NMAP_STYLE = r"""
@@ -326,9 +396,10 @@ Exclude T:9100-9107
 Probe TCP NULL q||
 totalwaitms 6000
 match ssh m|^SSH-([\d.]+)-Fancy_([\w.]+)\r\n| p/Fancy SSH/ v/$2/ cpe:/a:fancy:ssh:$2/
-match recursive m/^(\((?:[^()]|(?R))*\))/ p/skipped: recursion/
-match keep m|^KEEP\K(\d+)| p/skipped: \K/
-match inline m|^A(?i)bc| p/skipped: inline flag/
+match recursive m/^(\((?:[^()]|(?1))*\))/ p/Lisp/
+match keep m|^KEEP\K(\d+)| p/Keeper/ v/$1/
+match wide m|^\x{263a}| p/skipped: code point above 0xFF/
+match broken m|^(unbalanced| p/skipped: regex rejects it/
 softmatch thing m|^THING| p/Thing/
 Probe UDP DNSStatusRequest q|\0\0\x10\0|
 match dns m|^\0\0\x90| p/UDP only/
@@ -340,16 +411,20 @@ match http m|^HTTP/1\.[01] \d\d\d .*\r\nServer: Fancy/(\d+)|s p/Fancy httpd/ v/$
 """
 
 
-def test_nmap_dialect_skips_and_counts_what_python_cannot_run(tmp_path: Path) -> None:
+def test_nmap_dialect_skips_and_counts_what_cannot_run(tmp_path: Path) -> None:
     nmap = SignatureDB.from_nmap_text(NMAP_STYLE)
-    assert nmap.skipped_nmap_rules == 3
-    assert nmap.nmap_rules == 3  # ssh, thing, http; the UDP probe and its rule are ignored
+    assert nmap.skipped_nmap_rules == 2
+    assert nmap.nmap_rules == 5  # the UDP probe and its rule are ignored
     assert [p.name for p in nmap.probes] == [NULL_PROBE, "GetRequest"]
+    lisp = nmap.match(NULL_PROBE, b"((a)(b))")
+    assert lisp is not None and lisp.product == "Lisp"
+    keeper = nmap.match(NULL_PROBE, b"KEEP42")
+    assert keeper is not None and keeper.version == "42"
 
     path = tmp_path / "nmap-service-probes"
     path.write_text(NMAP_STYLE, encoding="latin-1")
     merged = SignatureDB.builtin().merged_with_nmap(path)
-    assert merged.skipped_nmap_rules == 3
+    assert merged.skipped_nmap_rules == 2
     assert [p.name for p in merged.probes][-1] == "GetRequest"
     fancy = merged.match(NULL_PROBE, b"SSH-2.0-Fancy_1.2\r\n")
     assert fancy is not None and (fancy.product, fancy.version) == ("Fancy SSH", "1.2")
@@ -366,8 +441,8 @@ def test_nmap_dialect_skips_and_counts_what_python_cannot_run(tmp_path: Path) ->
 def test_the_installed_nmap_database_loads() -> None:
     merged = SignatureDB.builtin().merged_with_nmap(NMAP_PROBES)
     assert merged.nmap_rules > 10000
-    # Python 3.11's `re` runs nearly all of nmap's patterns once rewritten.
-    assert merged.skipped_nmap_rules < merged.nmap_rules // 100
+    # The regex package runs every one of them (bench/nmap_probe_rules.py counts them).
+    assert merged.skipped_nmap_rules == 0
     assert 9100 in merged.excluded
     found = merged.match("Memcache", b"STAT pid 1\r\nSTAT uptime 5\r\nSTAT time 1\r\n")
     assert found is not None and found.service == "memcached"

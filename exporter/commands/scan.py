@@ -20,7 +20,7 @@ from exporter.portsets import PortSetError, resolve_ports
 from exporter.scanner import ScanOptions, raise_fd_limit, scan_host
 
 if TYPE_CHECKING:  # the engine (and its TLS stack) is imported only when identifying
-    from exporter.fingerprint import FingerprintOptions, SignatureDB
+    from exporter.fingerprint import Fingerprinter
 
 _DEFAULTS = ScanOptions()
 IDENTIFY_TIMEOUT = "5s"  # the engine's and the config's default fingerprint.timeout
@@ -97,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except (PortSetError, DurationError, ValueError) as exc:
         return _fail(exc, 2)
-    db: SignatureDB | None = None
-    fp_options: FingerprintOptions | None = None
+    fingerprinter: Fingerprinter | None = None
     if args.identify:
-        from exporter.fingerprint import FingerprintOptions, load_signatures
+        from exporter.fingerprint import Fingerprinter, FingerprintOptions
 
         try:
             fp_options = FingerprintOptions(
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--identify-timeout: {exc}", 2)
         # Before the scan: a bad --nmap-service-probes should not cost a whole scan first.
         try:
-            db = load_signatures(fp_options)
+            fingerprinter = Fingerprinter.load(fp_options)
         except (OSError, ValueError) as exc:
             return _fail(f"--nmap-service-probes: {exc}", 2)
     allowed = raise_fd_limit(options.concurrency)
@@ -127,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency=allowed,
             rate=options.rate,
         )
-    result, services = eventloop.run(_scan(args.host, ports, options, db, fp_options))
+    result, services = eventloop.run(_scan(args.host, ports, options, fingerprinter))
     if result.error is not None:
         return _fail(result.error, 1)
     if args.format == "json":
@@ -141,16 +140,13 @@ async def _scan(
     host: str,
     ports: Sequence[int],
     options: ScanOptions,
-    db: SignatureDB | None,
-    fp_options: FingerprintOptions | None,
+    fingerprinter: Fingerprinter | None,
 ) -> tuple[ScanResult, Services | None]:
-    """The scan, then (when `db` is given) the services on its open ports; None: not asked."""
+    """The scan, then (with a `fingerprinter`) the services on its open ports; None: not asked."""
     result = await scan_host(host, ports, options)
-    if db is None or fp_options is None:
+    if fingerprinter is None:
         return result, None
-    from exporter.fingerprint import identify_scanned
-
-    return result, await identify_scanned(result, db=db, options=fp_options)
+    return result, await fingerprinter.identify_scanned(result)
 
 
 def _port_rows(result: ScanResult, all_states: bool) -> list[tuple[int, str]]:

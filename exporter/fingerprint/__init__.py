@@ -7,37 +7,30 @@ optionally merged with nmap's `nmap-service-probes`. Results are `model.ServiceI
 values whose `fingerprint` only depends on stable parts (service, product, version, TLS
 certificate), so a restart or a second look never reads as a change.
 
-    db = load_signatures(options)
-    identities = await identify_ports("192.0.2.10", [22, 443], db=db, options=options)
+    fingerprinter = Fingerprinter.load(options)
+    found = await fingerprinter.identify_ports("192.0.2.10", [22, 443])
+    services = await fingerprinter.identify_scanned(scan_result)
+
+Modules: `engine` (the `Fingerprinter` callers hold), `session` (the procedure for one port),
+`signatures` (the database and its time-bounded matching), `probefile` (nmap's probe-file
+format), `pcre` (nmap's PCRE patterns on the `regex` package), `connection`, `starttls`,
+`tls` and `sanitize`.
 """
 
 from .connection import Dialer
-from .engine import (
-    FingerprintOptions,
-    Identification,
-    identify_port,
-    identify_port_detailed,
-    identify_ports,
-    identify_ports_detailed,
-    identify_scanned,
-    load_signatures,
-)
+from .engine import Fingerprinter, FingerprintOptions, Identification
+from .probefile import SignatureError
 from .sanitize import sanitize
-from .signatures import SignatureDB, SignatureError
+from .signatures import SignatureDB
 from .tls import tls_service_name
 
 __all__ = [
     "Dialer",
     "FingerprintOptions",
+    "Fingerprinter",
     "Identification",
     "SignatureDB",
     "SignatureError",
-    "identify_port",
-    "identify_port_detailed",
-    "identify_ports",
-    "identify_ports_detailed",
-    "identify_scanned",
-    "load_signatures",
     "sanitize",
     "tls_service_name",
 ]

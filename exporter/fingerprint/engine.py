@@ -1,48 +1,33 @@
-"""Identify the service on an open TCP port.
+"""`Fingerprinter`: service identification with one signature database and one set of limits.
 
-Theory of operation, for one port:
+Build it once, at start-up or on a configuration reload, from the options (`load` reads the
+built-in database and, when the options point at it, nmap's), then ask it about ports:
 
-1. Connect and wait briefly for a server-first banner (longer on ports where servers are
-   known to speak first, such as 22, 25 or 3306). A banner that matches a rule usually ends
-   the search; for SMTP, IMAP, POP3 and FTP the same connection may then be upgraded with
-   STARTTLS to read the certificate.
-2. If nothing came, send probes in the order `SignatureDB.plan` gives: first those meant for
-   this port, then the common ones. The first probe reuses the silent banner connection; the
-   others each get a fresh connection, so one confused server state never leaks into the next
-   answer. Every answer is matched as it arrives; a hard match stops.
-3. A TLS handshake is one of those probes (first on ports like 443 and 993, or as soon as an
-   answer says "this is TLS"). Once TLS is up, steps 1 and 2 run again inside it, and the
-   service is named for TLS (http -> https, imap -> imaps).
-4. Everything above runs under one deadline and one byte allowance per port (see
-   `connection.Budget`); when either runs out, the best answer so far is the result.
+    fingerprinter = Fingerprinter.load(options)
+    result = await fingerprinter.identify("192.0.2.10", 443, server_name="www.example.org")
+    services = await fingerprinter.identify_scanned(scan_result)
 
-Nothing here raises for a misbehaving port: the result is then an "unknown" identity whose
-`extra` says why, and the raw banner (sanitized) for the timeline.
+It keeps no state between calls, so one object serves any number of scans at once. Each port
+is identified by its own `session.Session` under its own deadline and byte allowance; ports
+run concurrently up to `options.concurrency`, or under a `limiter` the caller shares between
+hosts. A failure on one port (even a bug) gives that port an "unknown" identity and never
+costs the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model import ScanResult, ServiceIdentity, TLSInfo
-from . import starttls
-from .connection import Budget, BudgetExhausted, Connection, Dialer, Response, default_dialer
+from ..model import ScanResult, ServiceIdentity
+from .connection import Budget, Dialer, default_dialer
 from .sanitize import sanitize
-from .signatures import NULL_PROBE, Found, Probe, SignatureDB
-from .tls import inner_service, tls_service_name, wants_tls
-
-BANNER_LIMIT = 256
-EXTRA_LIMIT = 160
-# Once an answer has started, how long a pause means it is complete.
-SETTLE_SECONDS = 0.3
-STARTTLS_WAIT = 3.0
-TLS_HANDSHAKE_WAIT = 3.0  # when the database has no TLS probe to say otherwise
+from .session import EXTRA_LIMIT, Session
+from .signatures import SignatureDB
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,441 +68,105 @@ class Identification:
     timed_out: bool = False
 
 
-def load_signatures(options: FingerprintOptions) -> SignatureDB:
-    """The built-in database, merged with nmap's when `options` points at it.
+@dataclass(frozen=True, slots=True)
+class Fingerprinter:
+    """Identifies the services on open TCP ports. `dialer` replaces how connections open."""
 
-    Raises `OSError` when the nmap file cannot be read. Loading nmap's file compiles about
-    12,000 patterns (about a second): do it once, at start-up or reload.
-    """
-    database = SignatureDB.builtin()
-    if options.nmap_service_probes is not None:
-        database = database.merged_with_nmap(options.nmap_service_probes)
-    return database
-
-
-def _authority(host: str, port: int, inside_tls: bool) -> str:
-    """Host header value: the name, with the port unless it is the scheme's default."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    elif not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            host = sanitize(host.encode("utf-8", "replace").decode("ascii", "replace"), 253)
-    default = 443 if inside_tls else 80
-    return host if port == default else f"{host}:{port}"
-
-
-@dataclass(slots=True)
-class _Best:
-    """The best rule match seen so far on one layer (plain, or inside TLS)."""
-
-    found: Found | None = None
-    data: bytes = b""
-
-    def offer(self, found: Found | None, data: bytes) -> None:
-        if found is None:
-            return
-        if self.found is None or (self.found.soft and not found.soft):
-            self.found, self.data = found, data
-
-    @property
-    def hard(self) -> bool:
-        return self.found is not None and not self.found.soft
-
-
-@dataclass
-class _Session:
-    address: str
-    port: int
     db: SignatureDB
-    options: FingerprintOptions
-    server_name: str | None
-    dialer: Dialer
-    budget: Budget
-    plain: _Best = field(default_factory=_Best)
-    inner: _Best = field(default_factory=_Best)
-    tls: TLSInfo | None = None  # the port itself speaks TLS
-    starttls: TLSInfo | None = None  # upgraded in-band
-    first_data: bytes = b""
-    note: str = ""
-    tried_tls: bool = False
-    connections: list[Connection] = field(default_factory=list)
+    options: FingerprintOptions = field(default_factory=FingerprintOptions)
+    dialer: Dialer = default_dialer
 
-    # -- plumbing ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, options: FingerprintOptions, *, dialer: Dialer = default_dialer) -> Fingerprinter:
+        """The built-in database, merged with nmap's when `options` points at it.
 
-    async def connect(self) -> Connection:
-        conn = await Connection.open(self.dialer, self.address, self.port, self.budget)
-        self.connections.append(conn)
-        return conn
+        Raises `OSError` when the nmap file cannot be read. Loading nmap's file compiles about
+        12,000 patterns (a few seconds): do it once, at start-up or reload.
+        """
+        db = SignatureDB.builtin()
+        if options.nmap_service_probes is not None:
+            db = db.merged_with_nmap(options.nmap_service_probes)
+        return cls(db, options, dialer)
 
-    async def reconnect(self) -> Connection | None:
-        """A fresh connection for the next probe, or None once the port stops accepting."""
-        try:
-            return await self.connect()
-        except OSError as exc:
-            self.note = self.note or f"reconnect failed: {exc.strerror or exc}"
-            return None
+    async def identify(
+        self, address: str, port: int, *, server_name: str | None = None
+    ) -> Identification:
+        """Identify the service on `address`:`port` within the limits of the options.
 
-    def wait(self, seconds: float) -> float:
-        return max(0.0, min(seconds, self.budget.remaining()))
-
-    def consider(self, probe_name: str, data: bytes, *, inside_tls: bool) -> Found | None:
-        if not data:
-            return None
-        if not self.first_data:
-            self.first_data = data
-        found = self.db.match(probe_name, data)
-        (self.inner if inside_tls else self.plain).offer(found, data)
-        return found
-
-    async def exchange(self, conn: Connection, probe: Probe, *, inside_tls: bool) -> Response:
-        """Send `probe` on `conn` and read the answer, matching as it arrives."""
-        host = self.server_name or self.address
-        self.budget.probes_sent += 1
-        try:
-            await conn.send(probe.render(_authority(host, self.port, inside_tls)))
-        except (ConnectionError, OSError):
-            return Response(b"", closed=True, reset=True)
-        try:
-            response = await conn.read(
-                self.wait(probe.wait), done=self.recognised(probe.name), settle=SETTLE_SECONDS
-            )
-        except BudgetExhausted as exc:
-            self.consider(probe.name, exc.args[0], inside_tls=inside_tls)
-            raise
-        self.consider(probe.name, response.data, inside_tls=inside_tls)
-        return response
-
-    def recognised(self, probe_name: str) -> Callable[[bytes], bool]:
-        """A `done` test for reads: the data so far gets a hard match."""
-
-        def complete(data: bytes) -> bool:
-            found = self.db.match(probe_name, data, quick=True)
-            return found is not None and not found.soft
-
-        return complete
-
-    def worth_sending(self, probe: Probe, best: _Best) -> bool:
-        """After a soft match, only probes with rules for that service can still help."""
-        if best.found is None:
-            return True
-        return best.found.service in self.db.services_probed_by(probe)
-
-    # -- the procedure ----------------------------------------------------------------------
-
-    async def run(self) -> None:
-        try:
-            conn = await self.connect()
-        except ConnectionRefusedError:
-            self.note = "connection refused"
-            return
-        except ConnectionResetError:
-            self.note = "reset by the server"
-            return
-        except OSError as exc:
-            self.note = f"connect failed: {exc.strerror or exc}"
-            return
-        wait = self.db.banner_wait(self.port, inside_tls=False, default=self.options.banner_wait)
-        try:
-            banner = await conn.read(
-                self.wait(wait), done=self.recognised(NULL_PROBE), settle=SETTLE_SECONDS
-            )
-        except BudgetExhausted as exc:
-            self.consider(NULL_PROBE, exc.args[0], inside_tls=False)
-            raise
-        found = self.consider(NULL_PROBE, banner.data, inside_tls=False)
-        if not banner.data and banner.closed:
-            self.note = "reset by the server" if banner.reset else "closed by the server"
-            return
-        if found is not None and self.options.starttls and not banner.closed:
-            await self.try_starttls(conn, found.service, banner.data)
-        if self.plain.hard:
-            return
-        spare = None if conn.received or banner.closed or conn.tls else conn
-        if spare is None:
-            conn.abort()
-        await self.probe_plain(spare)
-
-    async def try_starttls(self, conn: Connection, service: str, greeting: bytes) -> None:
-        if service not in starttls.UPGRADES:
-            return
-        try:
-            async with asyncio.timeout(self.wait(STARTTLS_WAIT)):
-                self.starttls = await starttls.upgrade(
-                    conn, service, greeting, self.server_name, self.wait(STARTTLS_WAIT)
-                )
-        except (ssl.SSLError, ConnectionError, OSError, TimeoutError):
-            self.starttls = None
-
-    async def probe_plain(self, spare: Connection | None) -> None:
-        queue = self.db.plan(self.port, self.options.intensity)
-        while queue:
-            probe = queue.pop(0)
-            if probe.tls_handshake:
-                if self.tried_tls:
-                    continue
-                if await self.try_tls(spare):
-                    return
-                spare = None  # used up by the failed handshake
-                continue
-            if not self.worth_sending(probe, self.plain):
-                continue
-            conn = spare or await self.reconnect()
-            spare = None
-            if conn is None:
-                return
-            await self.exchange(conn, probe, inside_tls=False)
-            conn.abort()
-            if self.plain.hard:
-                return
-            hint = self.plain.found
-            if (
-                hint is not None
-                and wants_tls(hint.service)
-                and not self.tried_tls
-                and await self.try_tls(None)
-            ):
-                return
-
-    async def try_tls(self, spare: Connection | None) -> bool:
-        """Handshake, then identify inside. True when the port speaks TLS."""
-        self.tried_tls = True
-        conn = spare or await self.reconnect()
-        if conn is None:
-            return False
-        self.budget.probes_sent += 1
-        self.tls = await self.handshake(conn)
-        if self.tls is None:
-            return False
-        await self.identify_inside(conn)
-        return True
-
-    async def handshake(self, conn: Connection) -> TLSInfo | None:
-        tls_probe = next((p for p in self.db.probes if p.tls_handshake), None)
-        wait = tls_probe.wait if tls_probe is not None else TLS_HANDSHAKE_WAIT
-        try:
-            async with asyncio.timeout(self.wait(wait)):
-                return await conn.start_tls(self.server_name)
-        except (ssl.SSLError, ConnectionError, OSError, TimeoutError):
-            conn.abort()
-            return None
-
-    async def identify_inside(self, conn: Connection) -> None:
-        wait = self.db.banner_wait(self.port, inside_tls=True, default=self.options.banner_wait)
-        try:
-            banner = await conn.read(
-                self.wait(wait), done=self.recognised(NULL_PROBE), settle=SETTLE_SECONDS
-            )
-        except BudgetExhausted as exc:
-            self.consider(NULL_PROBE, exc.args[0], inside_tls=True)
-            raise
-        self.consider(NULL_PROBE, banner.data, inside_tls=True)
-        if self.inner.hard or (banner.closed and not banner.data):
-            return
-        spare: Connection | None = None if conn.received or banner.closed else conn
-        if spare is None:
-            conn.abort()
-        for probe in self.db.inner_plan(self.port, self.options.intensity):
-            if not self.worth_sending(probe, self.inner):
-                continue
-            if spare is None:
-                spare = await self.reconnect()
-                if spare is None or await self.handshake(spare) is None:
-                    return
-            conn, spare = spare, None
-            await self.exchange(conn, probe, inside_tls=True)
-            conn.abort()
-            if self.inner.hard:
-                return
-
-    # -- the result -------------------------------------------------------------------------
-
-    def identity(self) -> ServiceIdentity:
-        if self.tls is not None:
-            found = self.inner.found
-            data = self.inner.data
-            if found is not None:
-                service = tls_service_name(
-                    inner_service(found.service) if wants_tls(found.service) else found.service
-                )
-            else:
-                hint = self.plain.found
-                inner = inner_service(hint.service) if hint and wants_tls(hint.service) else ""
-                service = tls_service_name(inner)
-            tls: TLSInfo | None = self.tls
-        else:
-            found, data = self.plain.found, self.plain.data
-            service = found.service if found is not None else "unknown"
-            if found is not None and wants_tls(found.service):
-                service = tls_service_name(inner_service(found.service))
-            tls = self.starttls
-        banner = sanitize(data or self.first_data, BANNER_LIMIT)
-        if found is None:
-            if not self.note and self.first_data:
-                self.note = "answer not recognised"
-            return ServiceIdentity(
-                service=service, extra=sanitize(self.note, EXTRA_LIMIT), tls=tls, banner=banner
-            )
-        return ServiceIdentity(
-            service=service,
-            product=found.product,
-            version=found.version,
-            extra=found.extra,
-            tls=tls,
-            banner=banner,
+        `server_name` is the DNS name the host is known by, sent as SNI and in the HTTP
+        Host header so that name-based virtual hosts answer as they do for their users.
+        """
+        started = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + self.options.timeout
+        budget = Budget(deadline=deadline, bytes_left=self.options.max_bytes)
+        session = Session(
+            address=address,
+            port=port,
+            db=self.db,
+            options=self.options,
+            server_name=server_name,
+            dialer=self.dialer,
+            budget=budget,
+        )
+        timed_out = await session.run_within_limits()
+        return Identification(
+            port=port,
+            identity=session.identity(),
+            duration_seconds=time.monotonic() - started,
+            bytes_read=budget.bytes_read,
+            probes_sent=budget.probes_sent,
+            connections=budget.connections,
+            timed_out=timed_out,
         )
 
+    async def identify_ports(
+        self,
+        address: str,
+        ports: Iterable[int],
+        *,
+        server_name: str | None = None,
+        limiter: asyncio.Semaphore | None = None,
+    ) -> dict[int, Identification]:
+        """Identify several ports of one host concurrently, by port; never raises for one.
 
-async def identify_port_detailed(
-    address: str,
-    port: int,
-    *,
-    db: SignatureDB,
-    options: FingerprintOptions,
-    server_name: str | None = None,
-    dialer: Dialer | None = None,
-) -> Identification:
-    """Identify the service on `address`:`port` within the limits of `options`.
+        At most `options.concurrency` ports are identified at once, or pass `limiter` to
+        share one limit between hosts. A port's time limit starts when its turn comes.
+        """
+        semaphore = limiter or asyncio.Semaphore(self.options.concurrency)
 
-    `server_name` is the DNS name the host was scanned by (sent as SNI and in the HTTP Host
-    header). `dialer` replaces how TCP connections are opened.
-    """
-    loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    budget = Budget(deadline=loop.time() + options.timeout, bytes_left=options.max_bytes)
-    session = _Session(
-        address=address,
-        port=port,
-        db=db,
-        options=options,
-        server_name=server_name,
-        dialer=dialer or default_dialer,
-        budget=budget,
-    )
-    timed_out = False
-    try:
-        async with asyncio.timeout_at(budget.deadline):
-            await session.run()
-    except TimeoutError:
-        timed_out = True
-        session.note = session.note or "no answer within the time limit"
-    except BudgetExhausted:
-        session.note = session.note or "byte limit reached"
-    finally:
-        for conn in session.connections:
-            conn.abort()
-    return Identification(
-        port=port,
-        identity=session.identity(),
-        duration_seconds=time.monotonic() - started,
-        bytes_read=budget.bytes_read,
-        probes_sent=budget.probes_sent,
-        connections=budget.connections,
-        timed_out=timed_out,
-    )
+        async def one(port: int) -> Identification:
+            async with semaphore:
+                started = time.monotonic()
+                try:
+                    return await self.identify(address, port, server_name=server_name)
+                except Exception as exc:  # a bug for one port must not cost the others
+                    return Identification(
+                        port=port,
+                        identity=ServiceIdentity(
+                            service="unknown",
+                            extra=sanitize(f"identification failed: {exc!r}", EXTRA_LIMIT),
+                        ),
+                        duration_seconds=time.monotonic() - started,
+                    )
 
+        unique = sorted(set(ports))
+        results = await asyncio.gather(*(one(port) for port in unique))
+        return dict(zip(unique, results, strict=True))
 
-async def identify_port(
-    address: str,
-    port: int,
-    *,
-    db: SignatureDB,
-    options: FingerprintOptions,
-    server_name: str | None = None,
-    dialer: Dialer | None = None,
-) -> ServiceIdentity:
-    """The service on `address`:`port` (see `identify_port_detailed`)."""
-    result = await identify_port_detailed(
-        address, port, db=db, options=options, server_name=server_name, dialer=dialer
-    )
-    return result.identity
+    async def identify_scanned(
+        self, result: ScanResult, *, limiter: asyncio.Semaphore | None = None
+    ) -> dict[int, ServiceIdentity]:
+        """The services on the open ports of a finished scan ({} when it failed or found none).
 
-
-async def identify_ports_detailed(
-    address: str,
-    ports: Iterable[int],
-    *,
-    db: SignatureDB,
-    options: FingerprintOptions,
-    server_name: str | None = None,
-    dialer: Dialer | None = None,
-    limiter: asyncio.Semaphore | None = None,
-) -> dict[int, Identification]:
-    """Identify several ports of one host concurrently; never raises for one bad port.
-
-    At most `options.concurrency` ports are identified at once, or pass `limiter` to share
-    one limit between hosts. A port's time limit starts when its turn comes.
-    """
-    semaphore = limiter or asyncio.Semaphore(options.concurrency)
-
-    async def one(port: int) -> Identification:
-        async with semaphore:
-            started = time.monotonic()
-            try:
-                return await identify_port_detailed(
-                    address, port, db=db, options=options, server_name=server_name, dialer=dialer
-                )
-            except Exception as exc:  # a bug for one port must not cost the others
-                return Identification(
-                    port=port,
-                    identity=ServiceIdentity(
-                        service="unknown",
-                        extra=sanitize(f"identification failed: {exc!r}", EXTRA_LIMIT),
-                    ),
-                    duration_seconds=time.monotonic() - started,
-                )
-
-    unique = sorted(set(ports))
-    results = await asyncio.gather(*(one(port) for port in unique))
-    return dict(zip(unique, results, strict=True))
-
-
-async def identify_ports(
-    address: str,
-    ports: Iterable[int],
-    *,
-    db: SignatureDB,
-    options: FingerprintOptions,
-    server_name: str | None = None,
-    dialer: Dialer | None = None,
-    limiter: asyncio.Semaphore | None = None,
-) -> dict[int, ServiceIdentity]:
-    """The service on each of `ports` (see `identify_ports_detailed`)."""
-    results = await identify_ports_detailed(
-        address,
-        ports,
-        db=db,
-        options=options,
-        server_name=server_name,
-        dialer=dialer,
-        limiter=limiter,
-    )
-    return {port: result.identity for port, result in results.items()}
-
-
-async def identify_scanned(
-    result: ScanResult,
-    *,
-    db: SignatureDB,
-    options: FingerprintOptions,
-    limiter: asyncio.Semaphore | None = None,
-) -> dict[int, ServiceIdentity]:
-    """The services on the open ports of a finished scan ({} when it failed or found none).
-
-    A host scanned by name has that name sent as SNI and in the HTTP Host header, so name-
-    based virtual hosts answer as they do for their users.
-    """
-    if not result.ok or not result.open:
-        return {}
-    return await identify_ports(
-        result.address or result.host,
-        result.open,
-        db=db,
-        options=options,
-        server_name=None if _is_ip(result.host) else result.host,
-        limiter=limiter,
-    )
+        A host scanned by name has that name sent as SNI and in the HTTP Host header.
+        """
+        if not result.ok or not result.open:
+            return {}
+        server_name = None if _is_ip(result.host) else result.host
+        found = await self.identify_ports(
+            result.address or result.host, result.open, server_name=server_name, limiter=limiter
+        )
+        return {port: identification.identity for port, identification in found.items()}
 
 
 def _is_ip(host: str) -> bool:

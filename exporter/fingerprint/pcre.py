@@ -1,68 +1,65 @@
-"""Rewrite the PCRE patterns of nmap-service-probes into patterns Python's `re` can run.
+r"""Run the PCRE patterns of nmap-service-probes on the `regex` package, in bounded time.
 
-nmap matches with PCRE; almost all of its patterns are also valid Python, and Python 3.11 even
-has PCRE's possessive quantifiers and atomic groups. What differs is rewritten here:
+nmap matches with PCRE. The `regex` package (in its default, `re`-compatible V0 mode) runs
+nearly all of PCRE as is: recursion, subroutine calls, \K, \G, \R, conditionals, branch reset
+(?|...), inline flags anywhere (scoped as in PCRE), named groups (?<n>...), possessive
+quantifiers, atomic groups and POSIX classes such as [[:alpha:]]. Bytes patterns get ASCII
+semantics for \w, [[:alpha:]] and case folding, as PCRE has in nmap's build.
 
-  PCRE                         Python
-  \\Q...\\E                    each character escaped
-  \\z   \\Z                    \\Z   (?=\\n?\\Z)
-  \\h   \\e   \\cX   \\x{HH}   [ \\t]   \\x1b   the control byte   \\xHH
-  [[:alpha:]] and friends      the equivalent ranges
-  (?<name>...)  \\k<name>      (?P<name>...)  (?P=name)
-  "[" and "--" inside a set    escaped (Python warns about future set syntax)
+What `regex` lacks, or reads differently, is rewritten before compiling:
 
-What cannot be expressed (recursion, \\K, \\G, \\R, conditionals, flags switched on halfway
-through a pattern, code points above 0xFF) raises `UnsupportedPattern`; the loader counts those
-rules as skipped instead of guessing.
+  PCRE                        for regex
+  \Q...\E                     each character escaped
+  \Z                          (?=\n?\z)       regex's \Z only matches at the very end
+  \e  \cX  \x{HH}  \xH         \x1b  the control byte  \xHH  \x0H
+  \h \H \v \V \N              the byte classes they stand for (regex's \v is only \x0b)
+  \k<n>  \k'n'  \k{n}         (?P=n)
+  (?'n'...)                   (?P<n>...)
+  a { that opens no {n}, {n,} or {n,m}
+                              \{              PCRE reads it as a literal; regex takes {,m}
+                                              for a quantifier and rejects "+{"
+
+Refused (`UnsupportedPattern`): \g (PCRE's backreference and subroutine forms mean something
+else to regex), \C, and code points above 0xFF, which cannot occur in the bytes nmap matches.
+Whatever regex itself rejects raises `regex.error`.
+
+Patterns run on what remote servers send, so every search takes a timeout (`search`): a
+pattern that backtracks exponentially on a hostile answer costs at most that long.
 """
 
 from __future__ import annotations
 
 import re
 
-_POSIX_CLASSES = {
-    "alpha": "a-zA-Z",
-    "digit": "0-9",
-    "alnum": "a-zA-Z0-9",
-    "upper": "A-Z",
-    "lower": "a-z",
-    "space": " \\t\\n\\r\\x0b\\x0c",
-    "blank": " \\t",
-    "xdigit": "0-9A-Fa-f",
-    "word": "\\w",
-    "punct": re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"),
-    "print": "\\x20-\\x7e",
-    "graph": "\\x21-\\x7e",
-    "cntrl": "\\x00-\\x1f\\x7f",
-}
+import regex
 
-# Escapes PCRE and Python read the same way: pass through untouched.
-_SAME_ESCAPES = set("dDsSwWbBAnrtfa0123456789")
+Pattern = regex.Pattern[bytes]
+Match = regex.Match[bytes]
+
+# PCRE's byte classes (non-UTF mode) that `regex` spells differently or lacks.
+_CLASSES = {"h": "\\t \\xa0", "v": "\\n\\x0b\\x0c\\r\\x85"}
+_NEGATED = {"H": _CLASSES["h"], "V": _CLASSES["v"], "N": "\\n"}
+_QUANTIFIER = re.compile(r"\{\d+(?:,\d*)?\}")
+_POSIX_CLASS = re.compile(r"\[:\^?[a-z]+:\]")
+_GROUP_NAME = re.compile(r"[<{']([A-Za-z_]\w*)[>}']")
 
 
 class UnsupportedPattern(ValueError):
-    """The PCRE pattern uses a feature Python's `re` does not have."""
+    """The PCRE pattern uses a feature the `regex` package does not have."""
 
 
-def _control(letter: str) -> str:
-    return f"\\x{ord(letter.upper()) ^ 0x40:02x}"
+def pcre_to_regex(pattern: str) -> str:
+    """Return `pattern` (text whose characters stand for bytes) rewritten for `regex`.
 
-
-def pcre_to_python(pattern: str) -> str:
-    """Return a Python `re` pattern equivalent to the PCRE `pattern`.
-
-    The pattern is text whose characters stand for bytes (latin-1), as the nmap file is read.
-    Raises `UnsupportedPattern` for what has no Python equivalent.
+    Most patterns come back unchanged. Raises `UnsupportedPattern` for what has no
+    equivalent.
     """
     out: list[str] = []
-    i = 0
-    n = len(pattern)
+    i, n = 0, len(pattern)
     in_class = False
     while i < n:
         char = pattern[i]
-        if char == "\\":
-            if i + 1 >= n:
-                raise UnsupportedPattern("trailing backslash")
+        if char == "\\" and i + 1 < n:
             esc = pattern[i + 1]
             i += 2
             if esc == "Q":
@@ -71,98 +68,113 @@ def pcre_to_python(pattern: str) -> str:
                 i = n if end < 0 else end + 2
                 out.append("".join(re.escape(c) for c in literal))
             elif esc == "E":
-                continue
-            elif esc == "z":
-                out.append("\\Z")
-            elif esc == "Z":
-                out.append("(?=\\n?\\Z)")
-            elif esc == "h":
-                out.append(" \\t" if in_class else "[ \\t]")
+                pass
+            elif esc == "Z" and not in_class:
+                out.append("(?=\\n?\\z)")
             elif esc == "e":
                 out.append("\\x1b")
             elif esc == "c":
                 if i >= n:
-                    raise UnsupportedPattern("\\c at end of pattern")
-                out.append(_control(pattern[i]))
+                    raise UnsupportedPattern("\\c at the end of the pattern")
+                out.append(f"\\x{ord(pattern[i].upper()) ^ 0x40:02x}")
                 i += 1
             elif esc == "x":
-                if i < n and pattern[i] == "{":
-                    end = pattern.find("}", i)
-                    if end < 0:
-                        raise UnsupportedPattern("unterminated \\x{")
-                    value = int(pattern[i + 1 : end] or "0", 16)
-                    if value > 0xFF:
-                        raise UnsupportedPattern("code point above 0xFF")
-                    out.append(f"\\x{value:02x}")
-                    i = end + 1
-                else:
-                    digits = ""
-                    while i < n and len(digits) < 2 and pattern[i] in "0123456789abcdefABCDEF":
-                        digits += pattern[i]
-                        i += 1
-                    out.append(f"\\x{int(digits or '0', 16):02x}")
+                out.append(_hex_escape(pattern, i))
+                i = _hex_end(pattern, i)
+            elif esc in _CLASSES:
+                out.append(_CLASSES[esc] if in_class else f"[{_CLASSES[esc]}]")
+            elif esc in _NEGATED:
+                if in_class:
+                    raise UnsupportedPattern(f"\\{esc} inside a character class")
+                out.append(f"[^{_NEGATED[esc]}]")
             elif esc == "k":
-                match = re.match(r"[<{']([A-Za-z_]\w*)[>}']", pattern[i:])
-                if match is None:
+                name = _GROUP_NAME.match(pattern, i)
+                if name is None:
                     raise UnsupportedPattern("\\k without a group name")
-                out.append(f"(?P={match.group(1)})")
-                i += match.end()
-            elif esc in "KGRXCgNpPLluUHvV":
-                raise UnsupportedPattern(f"\\{esc} has no Python equivalent")
-            elif esc in _SAME_ESCAPES or not esc.isalnum():
-                out.append("\\" + esc)
+                out.append(f"(?P={name.group(1)})")
+                i = name.end()
+            elif esc in "gC":
+                raise UnsupportedPattern(f"\\{esc} has no equivalent in regex")
             else:
-                raise UnsupportedPattern(f"unknown escape \\{esc}")
+                out.append("\\" + esc)
             continue
         if in_class:
-            if char == "]":
-                in_class = False
-                out.append("]")
-            elif char == "[" and pattern.startswith("[:", i):
-                end = pattern.find(":]", i + 2)
-                name = pattern[i + 2 : end] if end > 0 else ""
-                if name.startswith("^") or name not in _POSIX_CLASSES:
-                    raise UnsupportedPattern(f"POSIX class [:{name}:]")
-                out.append(_POSIX_CLASSES[name])
-                i = end + 2
+            posix = _POSIX_CLASS.match(pattern, i) if char == "[" else None
+            if posix is not None:  # regex reads [:alpha:] as PCRE does: copy it whole
+                out.append(posix.group(0))
+                i = posix.end()
                 continue
-            elif char == "[" or (char in "-&~|" and out and out[-1] == char):
-                out.append("\\" + char)
-            else:
-                out.append(char)
-            i += 1
-            continue
-        if char == "[":
+            in_class = char != "]"
+        elif char == "[":
             in_class = True
-            out.append("[")
+            out.append(char)
             i += 1
-            if i < n and pattern[i] == "^":
-                out.append("^")
-                i += 1
-            if i < n and pattern[i] == "]":
-                # A "]" first in a set is a literal in both dialects; spell it unambiguously.
-                out.append("\\]")
-                i += 1
+            # A "]" first in a set (after an optional "^") is a literal, not the end.
+            for literal in ("^", "]"):
+                if pattern.startswith(literal, i):
+                    out.append(literal)
+                    i += 1
             continue
-        if char == "(" and pattern.startswith("(?", i):
-            rest = pattern[i + 2 :]
-            named = re.match(r"<([A-Za-z_]\w*)>|'([A-Za-z_]\w*)'|P<([A-Za-z_]\w*)>", rest)
-            if named is not None:
-                out.append(f"(?P<{next(g for g in named.groups() if g)}>")
-                i += 2 + named.end()
+        elif char == "{" and _QUANTIFIER.match(pattern, i) is None:
+            out.append("\\{")  # PCRE reads a brace that is no quantifier as a literal
+            i += 1
+            continue
+        elif pattern.startswith("(?'", i):
+            name = _GROUP_NAME.match(pattern, i + 2)
+            if name is not None:
+                out.append(f"(?P<{name.group(1)}>")
+                i = name.end()
                 continue
-            if rest[:1] in ("R", "&", "(", "|") or re.match(r"[+-]?\d|P>", rest):
-                raise UnsupportedPattern("recursion, conditionals or branch reset")
-            flags = re.match(r"([a-zA-Z]*)(-[a-zA-Z]*)?([:)])", rest)
-            if flags is not None and flags.group(3) == ")" and (i > 0 or flags.group(2)):
-                # PCRE lets (?i) switch a flag on for the rest of the group; Python only
-                # accepts global flags at the very start.
-                raise UnsupportedPattern("inline flag in the middle of the pattern")
-            out.append("(?")
-            i += 2
-            continue
         out.append(char)
         i += 1
-    if in_class:
-        raise UnsupportedPattern("unterminated character set")
     return "".join(out)
+
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+def _hex_end(pattern: str, i: int) -> int:
+    """Where the digits of a `\\x` escape starting at `i` end: `{...}` or up to two digits."""
+    if pattern.startswith("{", i):
+        end = pattern.find("}", i)
+        if end < 0:
+            raise UnsupportedPattern("unterminated \\x{")
+        return end + 1
+    end = i
+    while end < min(i + 2, len(pattern)) and pattern[end] in _HEX:
+        end += 1
+    return end
+
+
+def _hex_escape(pattern: str, i: int) -> str:
+    """`\\x{HH}`, `\\xHH`, `\\xH` or a bare `\\x` (the byte 0) as `\\xHH`."""
+    text = pattern[i : _hex_end(pattern, i)]
+    if len(text) == 2 and text[0] != "{":
+        return "\\x" + text  # already what regex reads
+    digits = text.strip("{}")
+    try:
+        value = int(digits or "0", 16)
+    except ValueError:
+        raise UnsupportedPattern(f"bad \\x{{{digits}}}") from None
+    if value > 0xFF:
+        raise UnsupportedPattern("code point above 0xFF")
+    return f"\\x{value:02x}"
+
+
+def compile_pcre(pattern: str, *, ignore_case: bool = False, dot_all: bool = False) -> Pattern:
+    """Compile a PCRE `pattern` for matching bytes.
+
+    Raises `UnsupportedPattern`, or `regex.error` for what `regex` rejects.
+    """
+    return compile_native(pcre_to_regex(pattern), ignore_case=ignore_case, dot_all=dot_all)
+
+
+def compile_native(pattern: str, *, ignore_case: bool = False, dot_all: bool = False) -> Pattern:
+    """Compile a pattern already in `regex` syntax (the built-in database's dialect)."""
+    flags = regex.V0 | (regex.IGNORECASE if ignore_case else 0) | (regex.DOTALL if dot_all else 0)
+    return regex.compile(pattern.encode("latin-1"), flags)
+
+
+def search(pattern: Pattern, data: bytes, timeout: float) -> Match | None:
+    """`pattern.search(data)`, giving up after `timeout` seconds (`TimeoutError`)."""
+    return pattern.search(data, timeout=max(timeout, 1e-6))
