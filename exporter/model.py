@@ -2,14 +2,32 @@
 
 Nothing here does I/O. Every layer speaks in these types so that each can be tested alone
 and the state machine stays a pure function of its inputs.
+
+Service fingerprints
+--------------------
+The identity compared for PORT_SERVICE_CHANGED is four strings (service, product, version,
+certificate SHA-256). The state machine compares it and the store persists it as one plain
+string, the *fingerprint*: `encode_fingerprint` writes it, `decode_fingerprint` reads it back,
+and nothing else builds or takes one apart. The encoding is the compact JSON array
+`["ssh","OpenSSH","9.2p1",""]`, ASCII only:
+
+- it is unambiguous: every field is quoted and escaped, so two different identities never
+  give the same string (a `|`-joined one did: product `a|b` without a version, and product `a`
+  with version `b|`), and equal strings mean equal identities, all the state machine needs;
+- it is canonical: one identity has exactly one fingerprint (no optional whitespace, escapes
+  fixed by `ensure_ascii`), and `decode_fingerprint` refuses any other spelling;
+- being ASCII it survives any text column, even for a lone surrogate from a binary banner;
+- it reads as what it is in `sqlite3` and in the JSON API, and SQL can take it apart
+  (`json_extract(fingerprint, '$[1]')` is the product).
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def rfc3339(seconds: float) -> str:
@@ -84,6 +102,42 @@ class TLSInfo:
         }
 
 
+class FingerprintFields(NamedTuple):
+    """The four fields of a fingerprint, as `decode_fingerprint` gives them back."""
+
+    service: str
+    product: str
+    version: str
+    cert_sha256: str  # "" when the port spoke no TLS
+
+
+def encode_fingerprint(service: str, product: str, version: str, cert_sha256: str) -> str:
+    """The canonical fingerprint of an identity: `["ssh","OpenSSH","9.2p1",""]`."""
+    fields = [service, product, version, cert_sha256]
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
+
+
+def decode_fingerprint(fingerprint: str) -> FingerprintFields:
+    """The fields of a fingerprint made by `encode_fingerprint`; ValueError for anything else.
+
+    Only the canonical spelling is accepted: a string that decodes but is spelled otherwise
+    would compare unequal to the fingerprint of the same identity, so it is an error here
+    rather than a phantom service change later.
+    """
+    try:
+        fields = json.loads(fingerprint)
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested arrays
+        fields = None
+    if (
+        not isinstance(fields, list)
+        or len(fields) != len(FingerprintFields._fields)
+        or not all(isinstance(f, str) for f in fields)
+        or encode_fingerprint(*fields) != fingerprint
+    ):
+        raise ValueError(f"not a service fingerprint: {fingerprint!r}")
+    return FingerprintFields(*fields)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceIdentity:
     """Who answers on an open port.
@@ -93,7 +147,7 @@ class ServiceIdentity:
     people but may carry volatile text and never count as a change.
     """
 
-    service: str  # "ssh", "http", "https", "smtp", ... or "unknown"
+    service: str  # "ssh", "http", "https", "smtp", ... or UNKNOWN_SERVICE.service
     product: str = ""
     version: str = ""
     extra: str = ""
@@ -103,7 +157,7 @@ class ServiceIdentity:
     @property
     def fingerprint(self) -> str:
         cert = self.tls.sha256 if self.tls is not None else ""
-        return "|".join((self.service, self.product, self.version, cert))
+        return encode_fingerprint(self.service, self.product, self.version, cert)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +171,8 @@ class ServiceIdentity:
         }
 
 
+# What an open port that could not be identified answers with; its `service` is the one
+# spelling of the unknown service name.
 UNKNOWN_SERVICE = ServiceIdentity(service="unknown")
 
 

@@ -1,9 +1,10 @@
 """The HTTP surface, served for real on 127.0.0.1 and queried with a real client.
 
 The snapshot behind it is made of real values: host states produced by the state machine
-from scans, recorded in a real store (history and accept go through it), and a real
-prometheus_client registry. Nothing here connects anywhere but to the server the test
-started on 127.0.0.1.
+from scans, recorded in a real store (history and accept go through it) and counted by the
+daemon's ScanReport; /metrics is the production SnapshotExposition over it, with a real
+prometheus_client registry appended. Nothing here connects anywhere but to the server the
+test started on 127.0.0.1. tests/test_metrics_exposition.py parses and lints /metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import gzip
 import html.parser
 import json
 import os
@@ -25,20 +25,21 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, PlatformCollector
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.config import ConfigError, HostSpec, load_config
+from exporter.daemon.reporting import ScanReport
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
 from exporter.model import HostScan, ScanResult, ServiceIdentity, TLSInfo
 from exporter.state import HostState, step
 from exporter.store import History, Store
-from exporter.web.app import Exposition, build_app
+from exporter.web.app import build_app
 from exporter.web.jsonview import describe_fingerprint, fingerprint_to_json
 from exporter.web.listen import ListenError, parse_listen_address, start_server
+from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition
 from exporter.web.status_page import ago, short_duration, until
 from exporter.web.webconfig import TLSServerConfig, WebConfig, load_web_config
 from tests.test_webconfig import hash_password, make_cert, requires_openssl
@@ -115,6 +116,7 @@ class Lab:
         self.store = store
         self.specs = {spec.host: spec for spec in SPECS}
         self.states = {spec.host: HostState.initial(spec.host) for spec in SPECS}
+        self.report = ScanReport()  # portscan_scans_total and portscan_probes_sent_total
 
     def scan(
         self,
@@ -144,6 +146,7 @@ class Lab:
             confirmations=spec.confirmations,
         )
         assert self.store.record_scan(scan, transition)
+        self.report.scan_finished(spec, scan, transition)
         self.states[host] = transition.new_state
 
     def populate(self) -> None:
@@ -193,6 +196,8 @@ class LabControl:
             started_at=NOW - 86400,
             config_path=str(self.config_path),
             ready=self.ready,
+            scans_total=dict(self.lab.report.scans_total),
+            probes_total=dict(self.lab.report.probes_total),
         )
 
     @property
@@ -226,16 +231,6 @@ class LabControl:
         return await asyncio.to_thread(self.lab.store.history, host, since, until)
 
 
-class HostsCollector(Collector):
-    def __init__(self, control: LabControl) -> None:
-        self.control = control
-
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "portscan_test_hosts", "Hosts in the snapshot.", value=len(self.control.snapshot.hosts)
-        )
-
-
 class BrokenCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         raise RuntimeError("secret internal detail")
@@ -258,21 +253,16 @@ def control(lab: Lab, tmp_path: Path) -> LabControl:
 
 
 @pytest.fixture
-def registry(control: LabControl) -> CollectorRegistry:
+def registry() -> CollectorRegistry:
+    """Appended to the snapshot's series, as run.py appends the process collectors."""
     registry = CollectorRegistry()
-    registry.register(HostsCollector(control))
+    PlatformCollector(registry=registry)  # python_info alone: constant, so scrapes compare equal
     return registry
 
 
-def registry_exposition(registry: CollectorRegistry) -> Exposition:
-    """An Exposition of a prometheus_client registry, negotiating the format from Accept."""
-
-    def render(accept: str) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept)
-        output: bytes = encoder(registry)
-        return output, content_type
-
-    return render
+def exposition(control: LabControl, registry: CollectorRegistry) -> SnapshotExposition:
+    """/metrics as the daemon serves it, over the lab's snapshot."""
+    return SnapshotExposition(lambda: control.snapshot, registry)
 
 
 @contextlib.asynccontextmanager
@@ -287,7 +277,7 @@ async def serving(
     """The app served for real; yields its base URL on 127.0.0.1."""
     app = build_app(
         control,
-        registry_exposition(registry),
+        exposition(control, registry),
         telemetry_path=telemetry_path,
         web_config=web_config,
         clock=lambda: NOW,
@@ -444,33 +434,13 @@ def test_relative_times() -> None:
 # --- /metrics ----------------------------------------------------------------------------------
 
 
-async def test_metrics_exposition_formats(control: LabControl, registry: CollectorRegistry) -> None:
-    async with serving(control, registry) as url:
-        text = await fetch(url + "/metrics")
-        openmetrics = await fetch(
-            url + "/metrics",
-            headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"},
-        )
-        zipped = await fetch(
-            url + "/metrics", headers={"Accept-Encoding": "gzip"}, decompress=False
-        )
-        head = await fetch(url + "/metrics", "HEAD")
-    assert text.status == 200
-    assert text.headers["Content-Type"] == choose_encoder("")[1]
-    assert "# TYPE portscan_test_hosts gauge\nportscan_test_hosts 6.0\n" in text.text
-    assert openmetrics.headers["Content-Type"].startswith("application/openmetrics-text;")
-    assert openmetrics.text.endswith("# EOF\n")
-    assert zipped.headers["Content-Encoding"] == "gzip"
-    assert gzip.decompress(zipped.body).decode() == text.text
-    assert head.status == 200 and head.body == b""
-
-
 async def test_custom_telemetry_path(control: LabControl, registry: CollectorRegistry) -> None:
     async with serving(control, registry, telemetry_path="/internal/scrape") as url:
         moved = await fetch(url + "/internal/scrape")
         old = await fetch(url + "/metrics")
         page = await fetch(url + "/")
-    assert moved.status == 200 and "portscan_test_hosts 6.0" in moved.text
+    assert moved.status == 200 and moved.headers["Content-Type"] == CONTENT_TYPE
+    assert f'portscan_build_info{{version="{__version__}"}} 1\n' in moved.text
     assert old.status == 404 and old.text == "404 page not found\n"
     assert 'href="./internal/scrape"' in page.text
 
@@ -623,8 +593,16 @@ def test_fingerprints_are_split_back_into_fields() -> None:
         "tls_sha256": None,
         "fingerprint": piped.fingerprint,
     }
+    # Fields that once ran together come back as they were, not as a guess.
+    for product, version in [("a|b", ""), ("a", "b|"), ('say "hi"\\', "|")]:
+        identity = ServiceIdentity("http", product, version)
+        fields = fingerprint_to_json(identity.fingerprint)
+        assert fields is not None and (fields["product"], fields["version"]) == (product, version)
     assert describe_fingerprint(SSH.fingerprint) == "ssh OpenSSH 9.2p1"
+    assert describe_fingerprint(NGINX_TLS.fingerprint) == "https nginx 1.24.0 (cert abababababab)"
     assert describe_fingerprint(None, missing="closed") == "closed"
+    with pytest.raises(ValueError, match="not a service fingerprint"):
+        fingerprint_to_json("http|Acme | Gateway|2|")
 
 
 async def test_unknown_paths_are_404(control: LabControl, registry: CollectorRegistry) -> None:
@@ -687,7 +665,7 @@ async def test_basic_auth_guards_every_endpoint(
     for name, answer in answers.items():
         assert answer.status == 401, name
         assert answer.headers["WWW-Authenticate"] == "Basic", name
-        assert "portscan_test_hosts" not in answer.text and "db.example.test" not in answer.text
+        assert "portscan_" not in answer.text and "db.example.test" not in answer.text
     assert answers["api"].json()["errorType"] == "unauthorized"
     assert [a.status for a in allowed] == [200, 200, 200, 200]
     assert bob.status == 200
@@ -834,7 +812,8 @@ async def test_tls(control: LabControl, registry: CollectorRegistry, tmp_path: P
             await fetch(url + "/metrics", ssl_context=old_client)
         with pytest.raises(aiohttp.ClientError):
             await fetch(url.replace("https://", "http://") + "/metrics")
-    assert answer.status == 200 and "portscan_test_hosts 6.0" in answer.text
+    assert answer.status == 200
+    assert 'portscan_port_open{host="db.example.test",port="22",protocol="tcp"} 1\n' in answer.text
 
 
 @requires_openssl
@@ -963,7 +942,7 @@ async def test_address_in_use_is_a_clear_oserror(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        app = build_app(control, registry_exposition(registry))
+        app = build_app(control, exposition(control, registry))
         with pytest.raises(OSError) as caught:
             await start_server(app, f"127.0.0.1:{port}", None)
     assert caught.value.errno == errno.EADDRINUSE
@@ -978,7 +957,7 @@ async def test_an_unloadable_certificate_is_a_clear_oserror(
 ) -> None:
     missing = tmp_path / "gone.crt"
     config = WebConfig(tls_server_config=TLSServerConfig(cert_file=missing, key_file=missing))
-    app = build_app(control, registry_exposition(registry), web_config=config)
+    app = build_app(control, exposition(control, registry), web_config=config)
     with pytest.raises(OSError) as caught:
         await start_server(app, "127.0.0.1:0", config)
     assert str(caught.value) == (
@@ -999,7 +978,7 @@ def _ipv6_available() -> bool:
 async def test_any_address_listens_on_one_port_for_both_families(
     control: LabControl, registry: CollectorRegistry
 ) -> None:
-    app = build_app(control, registry_exposition(registry), clock=lambda: NOW)
+    app = build_app(control, exposition(control, registry), clock=lambda: NOW)
     runner = await start_server(app, ":0", None)
     try:
         addresses = runner.addresses
@@ -1014,4 +993,4 @@ async def test_any_address_listens_on_one_port_for_both_families(
 
 def test_telemetry_path_must_be_absolute(control: LabControl, registry: CollectorRegistry) -> None:
     with pytest.raises(ValueError, match="must start with '/'"):
-        build_app(control, registry_exposition(registry), telemetry_path="metrics")
+        build_app(control, exposition(control, registry), telemetry_path="metrics")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from exporter.model import encode_fingerprint
 from exporter.portsets import top_ports
 from tests.lab import NetNS, listeners, requires_netns
 from tests.services.lab import ADDRESS, SERVER_NAME, ServiceLab, unavailable_reason
@@ -91,7 +92,7 @@ def test_identifies_the_service_on_an_open_port(http_server: int) -> None:
         "version": PYTHON_HTTP[2],
         "extra": "",
         "tls": None,
-        "fingerprint": "|".join(PYTHON_HTTP) + "|",
+        "fingerprint": encode_fingerprint(*PYTHON_HTTP, ""),
     }
     assert banner.startswith("HTTP/1.0 200 OK\\r\\nServer: SimpleHTTP/")  # sanitized
 

@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 
 import exporter.state
-from exporter.model import UNKNOWN_SERVICE, HostScan, ScanResult, ServiceIdentity, TLSInfo
+from exporter.model import (
+    UNKNOWN_SERVICE,
+    HostScan,
+    ScanResult,
+    ServiceIdentity,
+    TLSInfo,
+    decode_fingerprint,
+    encode_fingerprint,
+)
 from exporter.state import (
     RETURN_TO_BASELINE,
     AcceptRefused,
@@ -924,6 +932,116 @@ def test_new_open_is_high_severity_and_banner_changes_are_not_changes() -> None:
     assert event.new_service == ident("smtp/Postfix").fingerprint
     assert state.confirmed[22].banner == "banner #2"  # the view shows the latest sighting
     assert 22 not in state.in_force and 22 not in state.pending
+
+
+# --- service fingerprints --------------------------------------------------------------------
+
+# (service, product, version, certificate SHA-256) pairs and whether they are the same identity.
+# The first rows joined with "|" gave equal strings: the change between them went unseen.
+FINGERPRINT_PAIRS: list[tuple[tuple[str, str, str, str], tuple[str, str, str, str], bool]] = [
+    (("http", "a|b", "", ""), ("http", "a", "b|", ""), False),
+    (("http", "a", "|b", ""), ("http", "a|", "b", ""), False),
+    (("http", "", "a|b", ""), ("http", "a", "b", ""), False),
+    (("x", "a", "", ""), ("x|a", "", "", ""), False),
+    (("x", 'a"', "", ""), ("x", "a", '"', ""), False),
+    (("x", "a\\", "", ""), ("x", "a", "\\", ""), False),
+    (("x", "a,b", "", ""), ("x", "a", "b", ""), False),
+    (("x", 'a","b', "", ""), ("x", "a", "b", ""), False),
+    (("x", "\u00e9", "", ""), ("x", "\\u00e9", "", ""), False),
+    (("https", "nginx", "1.24", "ab" * 32), ("https", "nginx", "1.24", "cd" * 32), False),
+    (("https", "nginx", "1.24", ""), ("https", "nginx", "1.24", "ab" * 32), False),
+    (("ssh", "OpenSSH", "9.2p1", ""), ("ssh", "OpenSSH", "9.2p1", ""), True),
+    (("x", "\u00e9 \U0001f600", "", ""), ("x", "\u00e9 \U0001f600", "", ""), True),
+]
+
+
+def identity_of(fields: tuple[str, str, str, str]) -> ServiceIdentity:
+    service, product, version, cert = fields
+    tls = TLSInfo("TLSv1.3", "CN=a", "CN=ca", ("a",), T0, cert) if cert else None
+    return ServiceIdentity(service, product, version, tls=tls, banner=repr(fields))
+
+
+@pytest.mark.parametrize(("first", "second", "same"), FINGERPRINT_PAIRS)
+def test_fingerprints_are_equal_exactly_for_equal_identities(
+    first: tuple[str, str, str, str], second: tuple[str, str, str, str], same: bool
+) -> None:
+    a, b = identity_of(first), identity_of(second)
+    assert (a.fingerprint == b.fingerprint) is same
+    assert decode_fingerprint(a.fingerprint) == first
+    assert decode_fingerprint(b.fingerprint) == second
+
+
+def test_fingerprint_encoding_is_a_canonical_json_array() -> None:
+    ssh = ServiceIdentity("ssh", "OpenSSH", "9.2p1", banner="SSH-2.0-OpenSSH_9.2p1")
+    assert ssh.fingerprint == '["ssh","OpenSSH","9.2p1",""]'
+    assert UNKNOWN_SERVICE.fingerprint == '["unknown","","",""]'
+    assert encode_fingerprint("x", "caf\u00e9", "", "") == '["x","caf\\u00e9","",""]'
+    fields = decode_fingerprint('["https","nginx","1.24","abab"]')
+    assert (fields.service, fields.product, fields.version, fields.cert_sha256) == (
+        "https",
+        "nginx",
+        "1.24",
+        "abab",
+    )
+    # Only the one spelling is read: anything else would compare unequal to it later.
+    for other in [
+        "ssh|OpenSSH|9.2p1|",  # the `|`-joined form that schema migration 2 converts
+        '["ssh", "OpenSSH", "9.2p1", ""]',
+        '["ssh","OpenSSH","9.2p1"]',
+        '["ssh","OpenSSH","9.2p1","",""]',
+        '["ssh","OpenSSH","9.2p1",null]',
+        '["x","caf\u00e9","",""]',  # not ASCII: the canonical form escapes it
+        '["\\u0073sh","","",""]',  # an escape where none is needed
+        '{"service":"ssh"}',
+        '"ssh"',
+        "",
+        "[" * 100_000,
+    ]:
+        with pytest.raises(ValueError, match="not a service fingerprint"):
+            decode_fingerprint(other)
+
+
+AWKWARD = ["", "|", "||", '"', "\\", "\\|", ",", "[", "]", " ", "\n", "\x00", "\x7f", "\u00e9",
+           "\u20ac", "\U0001f600", "\udc80", "\\u0041", "a", "OpenSSH", "9.2p1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fingerprint_round_trips_and_never_collides(seed: int) -> None:
+    rng = random.Random(seed)
+    seen: dict[str, tuple[str, str, str, str]] = {}
+
+    def awkward() -> str:
+        return "".join(rng.choices(AWKWARD, k=rng.randint(0, 3)))
+
+    for _ in range(2000):
+        fields = (awkward(), awkward(), awkward(), awkward())
+        text = encode_fingerprint(*fields)
+        assert text.isascii()
+        assert decode_fingerprint(text) == fields
+        assert identity_of(fields).fingerprint == text
+        assert seen.setdefault(text, fields) == fields, "two identities share a fingerprint"
+
+
+def test_a_change_between_identities_that_once_collided_is_seen() -> None:
+    before = ServiceIdentity("http", "a", "b|")
+    after = ServiceIdentity("http", "a|b", "")
+    state = HostState.initial(HOST)
+    events: list[Event] = []
+    for i, identity in enumerate([before, after, after]):
+        result = ScanResult(HOST, "192.0.2.1", T0 + 600 * i, 1.0, 1000, True, open=(80,))
+        transition = step(
+            state, HostScan(result, {80: identity}), expected_open=None, scanned_ports=PORTS
+        )
+        state = transition.new_state
+        events.extend(transition.events)
+    learned, changed = events
+    assert learned.kind is EventKind.BASELINE_LEARNED
+    assert (changed.kind, changed.old_service, changed.new_service) == (
+        EventKind.PORT_SERVICE_CHANGED,
+        before.fingerprint,
+        after.fingerprint,
+    )
+    assert state.in_force[80].kind is EventKind.PORT_SERVICE_CHANGED
 
 
 def test_accept_refusals() -> None:

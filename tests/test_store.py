@@ -6,6 +6,7 @@ that records a deterministic sequence of scans and is killed with SIGKILL at ran
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -20,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from exporter.model import UNKNOWN_SERVICE, HostScan, ScanResult, ServiceIdentity, TLSInfo
+from exporter.commands.history import history_table
+from exporter.model import (
+    UNKNOWN_SERVICE,
+    HostScan,
+    ScanResult,
+    ServiceIdentity,
+    TLSInfo,
+    decode_fingerprint,
+    encode_fingerprint,
+)
 from exporter.state import (
     AcceptRefused,
     BaselineSource,
@@ -575,5 +585,221 @@ def test_codec_round_trips_and_is_canonical() -> None:
         decode_state("not json")
 
 
+# --- schema 2: fingerprints stored as encode_fingerprint arrays ----------------------------------
+
+PIPED = ServiceIdentity("http", "Acme | Gateway", "2")  # a "|" in the product: the split is right
+PIPED_NEW = ServiceIdentity("http", "Acme | Gateway", "3")
+AMBIGUOUS = ServiceIdentity("http", "a", "b|")  # version 1 spelled it like COLLIDING
+COLLIDING = ServiceIdentity("http", "a|b", "")
+FTP = ServiceIdentity("ftp", "vsftpd", "3.0.3")
+# Histories that version 1 could have written too: identities whose `|`-joined strings are equal
+# never meet on one port (version 1 saw no change between them).
+MIGRATED: dict[str, list[dict[int, ServiceIdentity] | None]] = {
+    "alpha": [
+        {21: FTP, 22: SSH, 80: PIPED, 443: HTTPS, 8080: AMBIGUOUS},
+        {22: SSH_NEW, 80: PIPED, 443: HTTPS, 8080: AMBIGUOUS, 9000: COLLIDING},
+        None,
+        {22: SSH_NEW, 80: PIPED, 443: HTTPS, 8080: AMBIGUOUS, 9000: COLLIDING},
+        {22: SSH, 80: PIPED_NEW, 443: HTTPS, 8080: AMBIGUOUS, 9000: COLLIDING},
+    ],
+    "beta": [{22: SSH, 80: PIPED, 8080: AMBIGUOUS, 8443: HTTPS, 9000: COLLIDING}],
+    "gamma": [{22: SSH}, {22: SSH, 80: COLLIDING, 8080: AMBIGUOUS}],
+}
+
+
+def v1_fingerprint(fingerprint: str | None) -> str | None:
+    """What version 1 stored for a fingerprint: the fields joined with "|"."""
+    return None if fingerprint is None else "|".join(decode_fingerprint(fingerprint))
+
+
+def write_version_1(path: Path) -> None:
+    """A database at schema version 1 holding what version 1 wrote for MIGRATED.
+
+    The scans are recorded by this version on the version 1 schema, then every fingerprint is
+    rewritten the way version 1 spelled it (and the host states get their format 1 back):
+    version 1 differed from this one in nothing else it stored.
+    """
+    with Store.open(path, migrations=MIGRATIONS[:1]) as store:
+        for host, specs in MIGRATED.items():
+            record_all(store, host, specs)
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            for host, text in conn.execute("SELECT host, state FROM hosts").fetchall():
+                state = json.loads(text)
+                state["format"] = 1
+                state["baseline"] = {p: v1_fingerprint(f) for p, f in state["baseline"].items()}
+                for pending in state["pending"].values():
+                    pending["service"] = v1_fingerprint(pending["service"])
+                for change in state["in_force"].values():
+                    change["old"] = v1_fingerprint(change["old"])
+                    change["new"] = v1_fingerprint(change["new"])
+                conn.execute(
+                    "UPDATE hosts SET state = ? WHERE host = ?",
+                    (json.dumps(state, sort_keys=True, separators=(",", ":")), host),
+                )
+            for event_id, old, new in conn.execute(
+                "SELECT id, old_service, new_service FROM events"
+            ).fetchall():
+                conn.execute(
+                    "UPDATE events SET old_service = ?, new_service = ? WHERE id = ?",
+                    (v1_fingerprint(old), v1_fingerprint(new), event_id),
+                )
+            for interval_id, fingerprint in conn.execute(
+                "SELECT id, fingerprint FROM intervals"
+            ).fetchall():
+                conn.execute(
+                    "UPDATE intervals SET fingerprint = ? WHERE id = ?",
+                    (v1_fingerprint(fingerprint), interval_id),
+                )
+    finally:
+        conn.close()
+
+
+# Old strings that no identity on record explains, and how migration 2 reads them: the split
+# the JSON API used (service before the first "|", certificate after the last, version after
+# the last remaining one). The last row is the reading that is wrong when a version held "|".
+UNEXPLAINED = [
+    ("ftp|vsftpd|2.3.4|", ("ftp", "vsftpd", "2.3.4", "")),
+    ("http|Acme | Gateway|1|", ("http", "Acme | Gateway", "1", "")),
+    ("https|nginx|1.24|" + "cd" * 32, ("https", "nginx", "1.24", "cd" * 32)),
+    ("unknown|||", ("unknown", "", "", "")),
+    ("http|x|y|z|", ("http", "x|y", "z", "")),
+]
+
+
+def test_migration_2_rewrites_every_stored_fingerprint(tmp_path: Path) -> None:
+    old = tmp_path / "v1.db"
+    write_version_1(old)
+    conn = sqlite3.connect(old)
+    try:
+        with conn:
+            conn.executemany(  # events of a host that is gone, with nothing else to go by
+                """INSERT INTO events (at, host, port, kind, severity, old_service, new_service,
+                                       resolved)
+                   VALUES (?, 'retired', 21, 'PORT_SERVICE_CHANGED', 'medium', ?, NULL, 0)""",
+                [(T0 + i, text) for i, (text, _) in enumerate(UNEXPLAINED)],
+            )
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        stored = {r[0] for r in conn.execute("SELECT old_service FROM events WHERE host = 'alpha'")}
+        assert "ssh|OpenSSH|9.2p1|" in stored  # the test starts from the old spelling
+        assert (
+            "http|a|b||"
+            in conn.execute("SELECT state FROM hosts WHERE host = 'beta'").fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+    Store.open(old).close()
+
+    # Row for row what this version writes for the same scans.
+    new = tmp_path / "v2.db"
+    with Store.open(new) as store:
+        for host, specs in MIGRATED.items():
+            record_all(store, host, specs)
+    migrated = dump(old)
+    retired = [row for row in migrated["events"] if row[3] == "retired"]
+    migrated["events"] = [row for row in migrated["events"] if row[3] != "retired"]
+    assert migrated == dump(new)
+    assert [(row[7], row[8]) for row in retired] == [
+        (encode_fingerprint(*fields), None) for _, fields in UNEXPLAINED
+    ]
+    conn = sqlite3.connect(old)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        for (text,) in conn.execute("SELECT state FROM hosts"):
+            assert encode_state(decode_state(text)) == text  # canonical: no StaleStateError
+    finally:
+        conn.close()
+
+    # The baseline read back is the fingerprint the same identity has now: the next scans of
+    # unchanged services start nothing, also where the old string was ambiguous (port 8080).
+    with Store.open(old) as store:
+        beta = record_all(store, "beta", [MIGRATED["beta"][0]] * 2)
+        assert beta.baseline[8080] == AMBIGUOUS.fingerprint
+        assert beta.baseline[9000] == COLLIDING.fingerprint
+        assert not beta.pending and not beta.in_force
+        alpha = store.load_state("alpha")
+        assert alpha is not None and alpha.pending[80].target.service == PIPED_NEW.fingerprint
+        alpha = record_all(store, "alpha", [MIGRATED["alpha"][-1]])
+        kinds = [
+            (e.event.port, e.event.kind, e.event.resolved)
+            for e in store.history("alpha", T0 + PERIOD * 5).events
+        ]
+        assert kinds == [
+            (22, EventKind.PORT_SERVICE_CHANGED, True),  # the pending return to ssh 9.2p1
+            (80, EventKind.PORT_SERVICE_CHANGED, False),  # the pending change to version 3
+        ]
+        assert 8080 not in alpha.pending and 9000 not in alpha.pending
+        assert [e.event.kind for e in store.history("beta", T0 + PERIOD).events] == []
+
+
+def test_migration_2_is_all_or_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    write_version_1(path)
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute(
+                "INSERT INTO hosts VALUES ('broken', ?, 1, 0.0)",
+                (json.dumps({"format": 7, "host": "broken"}),),
+            )
+        before = dump(path)
+    finally:
+        conn.close()
+    with pytest.raises(CodecError, match="broken: unknown host state format 7"):
+        Store.open(path)
+    assert dump(path) == before
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        with conn:
+            conn.execute("DELETE FROM hosts WHERE host = 'broken'")
+    finally:
+        conn.close()
+    with Store.open(path) as store:
+        assert set(store.load_states()) == set(MIGRATED)
+
+
+def hang_in_migration_main(argv: list[str]) -> int:
+    """Run migration 2 on the database at argv[0], say "ready" before committing, and wait."""
+
+    def migrate_then_hang(conn: sqlite3.Connection) -> None:
+        for migration_step in MIGRATIONS[1]:
+            if isinstance(migration_step, str):
+                conn.execute(migration_step)
+            else:
+                migration_step(conn)
+        print("ready", flush=True)
+        time.sleep(120)
+
+    print("started", flush=True)
+    Store.open(Path(argv[0]), migrations=(*MIGRATIONS[:1], (migrate_then_hang,)))
+    return 1
+
+
+def test_kill_9_during_migration_2_keeps_version_1(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    write_version_1(path)
+    before = dump(path)
+    args = [sys.executable, __file__, "hang-in-migration", str(path)]
+    kill_when_ready(subprocess.Popen(args, env=WRITER_ENV, stdout=subprocess.PIPE, text=True))
+    assert dump(path) == before  # nothing of the killed migration is left
+    with Store.open(path) as store:  # and the next open runs it whole
+        beta = store.load_state("beta")
+        assert beta is not None and beta.baseline[8080] == AMBIGUOUS.fingerprint
+
+
+def test_history_table_names_services_for_people(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.db") as store:
+        record_all(store, "alpha", [{22: SSH, 443: HTTPS}] + [{22: SSH_NEW, 443: HTTPS}] * 2)
+        table = history_table("alpha", store.history("alpha", 0.0), 0.0)
+    assert "ssh OpenSSH 9.2p1 -> ssh OpenSSH 9.6p1" in table
+    assert "443/tcp   2023-11-14 22:13:22  now                  https nginx 1.22.1" in table
+    assert "[" not in table and "|" not in table
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["writer"]:
     sys.exit(writer_main(sys.argv[2:]))
+if __name__ == "__main__" and sys.argv[1:2] == ["hang-in-migration"]:
+    sys.exit(hang_in_migration_main(sys.argv[2:]))

@@ -77,6 +77,8 @@ def _when(ts: float | None) -> str:
 
 
 def history_table(host: str, history: History, since: float) -> str:
+    from exporter.web.jsonview import describe_fingerprint
+
     lines = [f"{host}: history since {_when(since)} UTC", "", "PORT TIMELINE"]
     if history.intervals:
         lines.append(f"{'PORT':<10}{'FROM':<21}{'TO':<21}SERVICE")
@@ -92,7 +94,8 @@ def history_table(host: str, history: History, since: float) -> str:
             ev = stored.event
             port = "-" if ev.port is None else f"{ev.port}/tcp"
             kind = ev.kind.value + (" (resolved)" if ev.resolved else "")
-            change = f"{ev.old_service or '-'} -> {ev.new_service or '-'}"
+            old, new = describe_fingerprint(ev.old_service), describe_fingerprint(ev.new_service)
+            change = f"{old} -> {new}"
             lines.append(f"{_when(ev.at):<21}{port:<10}{kind:<32}{ev.severity.value:<10}{change}")
     else:
         lines.append("(no events in this period)")

@@ -22,7 +22,9 @@ from exporter.state import (
     Target,
 )
 
-FORMAT = 1
+# 2: fingerprints are `encode_fingerprint` JSON arrays (1: `|`-joined; schema migration 2
+# converts stored states).
+FORMAT = 2
 
 
 class CodecError(ValueError):

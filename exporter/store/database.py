@@ -401,8 +401,11 @@ def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migratio
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         _check_version(path, version, migrations)
         for number, migration in enumerate(migrations[version:], start=version + 1):
-            for statement in migration:
-                conn.execute(statement)
+            for step in migration:
+                if isinstance(step, str):
+                    conn.execute(step)
+                else:
+                    step(conn)
             conn.execute(f"PRAGMA user_version = {number}")
     except BaseException:
         if conn.in_transaction:

@@ -2,8 +2,8 @@
 
 Times are unix seconds (floats), as in the Prometheus HTTP API, so that the output feeds
 straight back into `?since=`/`?until=` and into tools that do arithmetic on it. Service
-identities stored as fingerprints (`service|product|version|cert-sha256`) are split back into
-named fields, with the raw fingerprint kept for exact comparisons.
+identities stored as fingerprints (see `exporter.model.encode_fingerprint`) are decoded back
+into named fields, with the raw fingerprint kept for exact comparisons.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.daemon.snapshot import HostView
+from exporter.model import decode_fingerprint
 from exporter.state import HostState, Pending, host_status, port_statuses
 from exporter.store import History, Interval, ScanRecord, StoredEvent
 
@@ -22,20 +23,11 @@ __all__ = [
 ]
 
 
-def _split_fingerprint(fingerprint: str) -> tuple[str, str, str, str]:
-    # The service name and the certificate hash never contain "|"; product text might, so
-    # whatever lies between them is product|version with the version taken from the right.
-    service, _, rest = fingerprint.partition("|")
-    middle, _, cert = rest.rpartition("|")
-    product, _, version = middle.rpartition("|")
-    return service, product, version, cert
-
-
 def fingerprint_to_json(fingerprint: str | None) -> dict[str, Any] | None:
     """A stored fingerprint as named fields; None stays None (closed, or nothing known)."""
     if fingerprint is None:
         return None
-    service, product, version, cert = _split_fingerprint(fingerprint)
+    service, product, version, cert = decode_fingerprint(fingerprint)
     return {
         "service": service,
         "product": product,
@@ -49,7 +41,7 @@ def describe_fingerprint(fingerprint: str | None, *, missing: str = "-") -> str:
     """A fingerprint for people: `ssh OpenSSH 9.2p1`, with `missing` for None."""
     if fingerprint is None:
         return missing
-    service, product, version, cert = _split_fingerprint(fingerprint)
+    service, product, version, cert = decode_fingerprint(fingerprint)
     words = " ".join(part for part in (service, product, version) if part)
     return f"{words} (cert {cert[:12]})" if cert else words
 
