@@ -190,3 +190,12 @@ class HostScan:
     @property
     def host(self) -> str:
         return self.scan.host
+
+
+def describe_fingerprint(fingerprint: str | None, *, missing: str = "-") -> str:
+    """A fingerprint for people: `ssh OpenSSH 9.2p1`, with `missing` for None."""
+    if fingerprint is None:
+        return missing
+    service, product, version, cert = decode_fingerprint(fingerprint)
+    words = " ".join(part for part in (service, product, version) if part)
+    return f"{words} (cert {cert[:12]})" if cert else words

@@ -33,11 +33,11 @@ from exporter import __version__
 from exporter.config import ConfigError, HostSpec, load_config
 from exporter.daemon.reporting import ScanReport
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
-from exporter.model import HostScan, ScanResult, ServiceIdentity, TLSInfo
+from exporter.model import HostScan, ScanResult, ServiceIdentity, TLSInfo, describe_fingerprint
 from exporter.state import HostState, step
 from exporter.store import History, Store
 from exporter.web.app import build_app
-from exporter.web.jsonview import describe_fingerprint, fingerprint_to_json
+from exporter.web.jsonview import fingerprint_to_json
 from exporter.web.listen import ListenError, parse_listen_address, start_server
 from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition
 from exporter.web.status_page import ago, short_duration, until

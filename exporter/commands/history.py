@@ -77,7 +77,7 @@ def _when(ts: float | None) -> str:
 
 
 def history_table(host: str, history: History, since: float) -> str:
-    from exporter.web.jsonview import describe_fingerprint
+    from exporter.model import describe_fingerprint
 
     lines = [f"{host}: history since {_when(since)} UTC", "", "PORT TIMELINE"]
     if history.intervals:

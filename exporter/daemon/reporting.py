@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import structlog
 
 from exporter.config import HostSpec
-from exporter.model import HostScan
+from exporter.model import HostScan, describe_fingerprint
 from exporter.state import Transition, scan_outcome
 
 log = structlog.get_logger("portscan_exporter")
@@ -53,8 +53,8 @@ class ScanReport:
                 port=event.port,
                 change=event.kind.value,
                 severity=event.severity.value,
-                old_service=event.old_service,
-                new_service=event.new_service,
+                old_service=describe_fingerprint(event.old_service),
+                new_service=describe_fingerprint(event.new_service),
             )
         log.info(
             "scan finished",

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model import ScanResult, ServiceIdentity
+from ..model import UNKNOWN_SERVICE, ScanResult, ServiceIdentity
 from .connection import Budget, Dialer, default_dialer
 from .sanitize import sanitize
 from .session import EXTRA_LIMIT, Session
@@ -143,7 +143,7 @@ class Fingerprinter:
                     return Identification(
                         port=port,
                         identity=ServiceIdentity(
-                            service="unknown",
+                            service=UNKNOWN_SERVICE.service,
                             extra=sanitize(f"identification failed: {exc!r}", EXTRA_LIMIT),
                         ),
                         duration_seconds=time.monotonic() - started,

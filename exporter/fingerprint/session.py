@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..model import ServiceIdentity, TLSInfo
+from ..model import UNKNOWN_SERVICE, ServiceIdentity, TLSInfo
 from . import starttls
 from .connection import Budget, BudgetExhausted, Connection, Dialer, Response
 from .probefile import Found, Probe
@@ -321,7 +321,7 @@ class Session:
             tls: TLSInfo | None = self.tls
         else:
             found, data = self.plain.found, self.plain.data
-            service = found.service if found is not None else "unknown"
+            service = found.service if found is not None else UNKNOWN_SERVICE.service
             if found is not None and wants_tls(found.service):
                 service = tls_service_name(inner_service(found.service))
             tls = self.starttls

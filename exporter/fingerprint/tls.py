@@ -16,7 +16,7 @@ from functools import cache
 
 from cryptography import x509
 
-from ..model import TLSInfo
+from ..model import UNKNOWN_SERVICE, TLSInfo
 from .sanitize import sanitize
 
 # Names in a certificate are chosen by whoever runs the port: they reach terminals, the
@@ -40,7 +40,7 @@ _TLS_SERVICE_NAMES = {
 
 def tls_service_name(inner: str) -> str:
     """The name of `inner` spoken inside TLS: http -> https, unknown -> tls."""
-    if inner in ("", "unknown", "tls", "ssl"):
+    if inner in ("", UNKNOWN_SERVICE.service, "tls", "ssl"):
         return "tls"
     if inner in _TLS_SERVICE_NAMES.values():
         return inner

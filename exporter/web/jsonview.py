@@ -16,7 +16,6 @@ from exporter.state import HostState, Pending, host_status, port_statuses
 from exporter.store import History, Interval, ScanRecord, StoredEvent
 
 __all__ = [
-    "describe_fingerprint",
     "fingerprint_to_json",
     "history_to_json",
     "host_to_json",
@@ -35,15 +34,6 @@ def fingerprint_to_json(fingerprint: str | None) -> dict[str, Any] | None:
         "tls_sha256": cert or None,
         "fingerprint": fingerprint,
     }
-
-
-def describe_fingerprint(fingerprint: str | None, *, missing: str = "-") -> str:
-    """A fingerprint for people: `ssh OpenSSH 9.2p1`, with `missing` for None."""
-    if fingerprint is None:
-        return missing
-    service, product, version, cert = decode_fingerprint(fingerprint)
-    words = " ".join(part for part in (service, product, version) if part)
-    return f"{words} (cert {cert[:12]})" if cert else words
 
 
 def _pending_to_json(pending: Pending, confirmations: int) -> dict[str, Any]:

@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from exporter.daemon.snapshot import HostView, Snapshot
-from exporter.model import ServiceIdentity
+from exporter.model import ServiceIdentity, describe_fingerprint
 from exporter.state import HostStatus, Severity, host_status, port_statuses
 from exporter.state.values import SEVERITY
-from exporter.web.jsonview import describe_fingerprint
 
 __all__ = ["ago", "render_status_page", "short_duration", "until"]
 
