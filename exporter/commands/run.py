@@ -123,30 +123,29 @@ async def serve(
     except OSError as exc:
         log.error("cannot start", error=str(exc))
         return 1
+    # Signals are ours from the moment we listen: a SIGHUP during start-up must not kill
+    # the process (reload answers that it is still starting), a SIGTERM stops it after.
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, daemon.stop)
+    loop.add_signal_handler(signal.SIGINT, daemon.stop)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload_on_sighup() -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(daemon.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     try:
         try:
             await daemon.startup()
         except OSError as exc:
             log.error("cannot start", error=str(exc))
-            await daemon.shutdown()
             return 1
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, daemon.stop)
-        loop.add_signal_handler(signal.SIGINT, daemon.stop)
-        reloads: set[asyncio.Task[object]] = set()
-
-        def reload_on_sighup() -> None:
-            task: asyncio.Task[object] = asyncio.ensure_future(daemon.reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
-        try:
-            await daemon.main_loop()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            await daemon.shutdown(SHUTDOWN_GRACE_SECONDS)
+        await daemon.main_loop()
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await daemon.shutdown(SHUTDOWN_GRACE_SECONDS)
         await runner.cleanup()
     return 0
