@@ -103,9 +103,24 @@ class Config:
     scan: ScanSettings
     fingerprint: FingerprintSettings
     storage: StorageSettings
+    # Where this exporter looks from ("outside", "dmz"): a `vantage` label on every series, so
+    # that exporters looking from different places raise separate alerts. None: no label.
+    vantage: str | None = None
 
 
 # --- value parsers ---------------------------------------------------------------------------
+
+
+def _vantage(node: yaml.Node, reader: Reader) -> str | None:
+    if is_null_node(node):
+        return None
+    text = reader.plain(node)
+    if not isinstance(text, str) or not _VANTAGE.fullmatch(text):
+        raise Invalid(
+            "expected a short name such as outside or dmz-1 (letters, digits and . _ : -,"
+            f" at most 63 characters), got {describe(text)}"
+        )
+    return text
 
 
 def _port_set(node: yaml.Node, reader: Reader) -> tuple[int, ...]:
@@ -204,7 +219,9 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = {
     "fingerprint": FINGERPRINT_FIELDS,
     "storage": STORAGE_FIELDS,
 }
-TOP_LEVEL_KEYS = (*SECTIONS, "targets")
+TOP_LEVEL_KEYS = ("vantage", *SECTIONS, "targets")
+# A label value people type and read in alert routing: short, no spaces or quotes.
+_VANTAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}")
 _HOST_HINT = "a DNS name, an IP address or a CIDR block"
 
 
@@ -403,6 +420,7 @@ def parse_config(text: str, path: str | Path) -> Config:
     hosts = _targets(root, targets_node, defaults, scan["max_cidr_hosts"].value, reader)
 
     jitter_fraction, jitter_seconds = scan["jitter"].value
+    vantage = reader.value(_vantage, top["vantage"][1], "vantage") if "vantage" in top else None
     return Config(
         path=Path(path),
         hosts=hosts,
@@ -415,6 +433,7 @@ def parse_config(text: str, path: str | Path) -> Config:
         ),
         fingerprint=FingerprintSettings(**{k: s.value for k, s in fingerprint.items()}),
         storage=StorageSettings(**{k: s.value for k, s in storage.items()}),
+        vantage=vantage,
     )
 
 

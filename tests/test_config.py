@@ -167,6 +167,7 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     path = FIXTURES / "good" / "full.yaml"
     config = load_config(path)
     assert config.path == path
+    assert config.vantage == "outside"
     assert config.scan.max_concurrent_hosts == 8
     assert config.scan.max_probes == 2048
     assert (config.scan.jitter_fraction, config.scan.jitter_seconds) == (None, 30.0)

@@ -89,6 +89,7 @@ class FakeScan:
 
     clock: FakeClock
     open_ports: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dropped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # no answer: filtered
     calls: list[tuple[str, float]] = field(default_factory=list)
     held: dict[str, asyncio.Event] = field(default_factory=dict)
     cancelled: list[str] = field(default_factory=list)
@@ -104,6 +105,7 @@ class FakeScan:
                 self.cancelled.append(spec.host)
                 raise
         opened = self.open_ports.get(spec.host, ())
+        dropped = self.dropped.get(spec.host, ())
         result = ScanResult(
             host=spec.host,
             address=spec.host,
@@ -112,7 +114,8 @@ class FakeScan:
             ports_scanned=len(spec.ports),
             answered=True,
             open=tuple(p for p in spec.ports if p in opened),
-            closed=tuple(p for p in spec.ports if p not in opened),
+            closed=tuple(p for p in spec.ports if p not in opened and p not in dropped),
+            filtered=tuple(p for p in spec.ports if p in dropped),
             probes_sent=len(spec.ports),
         )
         return HostScan(scan=result, services={})
@@ -430,7 +433,8 @@ async def test_http_answers_before_a_slow_start_up_and_ready_follows_it(tmp_path
             async with session.get(f"{base}/") as page:
                 assert "Starting: the stored state is not loaded yet" in await page.text()
             async with session.get(f"{base}/metrics") as metrics:
-                assert 'host="' not in await metrics.text(), "hosts exported before loading"
+                # Not "no hosts": a failed scrape, so Prometheus holds the last state (up 0).
+                assert metrics.status == 503
             async with session.post(f"{base}/-/reload") as reload:
                 assert reload.status == 500 and "still starting" in await reload.text()
             # SIGHUP's default action would end the process: the daemon handles it from the
@@ -454,3 +458,30 @@ async def test_http_answers_before_a_slow_start_up_and_ready_follows_it(tmp_path
         code = await asyncio.wait_for(serving, timeout=SETTLE_SECONDS)
         signal.signal(signal.SIGHUP, previous)
         assert code == 0
+
+
+async def test_every_series_carries_the_vantage_and_dropped_ports_show_as_filtered(
+    tmp_path: Path,
+) -> None:
+    host = HOSTS[0]
+    async with running_daemon(tmp_path, [host], extra="vantage: outside\n") as run:
+        exposition = SnapshotExposition(lambda: run.daemon.snapshot, None)
+        run.scan.open_ports[host] = (22, 80)
+        await run.advance(FIRST_SCAN_SPREAD_SECONDS)
+        run.scan.open_ports[host] = (22,)
+        run.scan.dropped[host] = (80,)  # a firewall now drops 80 instead of a RST
+        await run.advance_to(run.next_scan(host))
+        body = exposition()[0].decode()
+
+    samples = [line for line in body.splitlines() if line.startswith("portscan_")]
+    assert samples
+    assert [line for line in samples if 'vantage="outside"' not in line] == []
+    assert (
+        'portscan_port_filtered{host="192.0.2.1",port="80",protocol="tcp",vantage="outside"} 1'
+        in samples
+    )
+    assert (
+        'portscan_port_filtered{host="192.0.2.1",port="22",protocol="tcp",vantage="outside"} 0'
+        in samples
+    )
+    assert 'portscan_build_info{version="' in body and 'vantage="outside"} 1' in body

@@ -129,6 +129,7 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
     gauges = (
         "port_open", "port_expected", "port_unexpected_open", "port_expected_closed",
         "port_service_changed", "port_change_pending", "port_service_info",
+        "port_baseline_info", "port_tls_cert_info", "port_filtered", "confirmations_required",
         "port_tls_cert_expiry_timestamp_seconds", "port_last_change_timestamp_seconds",
         "scan_success", "last_scan_timestamp_seconds", "last_scan_duration_seconds",
         "next_scan_timestamp_seconds", "ports_scanned", "open_ports", "scan_in_progress",
@@ -174,6 +175,16 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
         )
         == 1
     )
+    # The baseline with its services, for alert texts ("previous baseline: 22/ssh ...").
+    baseline = {
+        dict(labels)["port"]: (dict(labels)["service"], dict(labels)["product"])
+        for (name, labels), _ in series.items()
+        if name == "portscan_port_baseline_info" and dict(labels)["host"] == db
+    }
+    assert baseline == {"22": ("ssh", "OpenSSH"), "5432": ("postgresql", "PostgreSQL")}
+    assert value(series, "portscan_confirmations_required", host=db) == 2
+    # Whether a port was dropped is known only from a scan of this process, not the store.
+    assert not any(name == "portscan_port_filtered" for name, _ in series)
     # web: 443 closed on the last scan only -> pending, still open and expected.
     web = "web.example.test"
     pending = {
@@ -190,6 +201,17 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
     assert value(series, "portscan_port_expected_closed", **port(web, 443)) == 0
     assert value(series, "portscan_port_tls_cert_expiry_timestamp_seconds", **port(web, 443)) == (
         NOW + 30 * 86400
+    )
+    assert (
+        value(
+            series,
+            "portscan_port_tls_cert_info",
+            **port(web, 443),
+            cert_sha256="ab" * 6,
+            subject="CN=web.example.test",
+            issuer="CN=Example CA",
+        )
+        == 1
     )
     assert value(series, "portscan_last_scan_duration_seconds", host=web) == 0.25
 

@@ -35,7 +35,7 @@ from exporter.daemon.reporting import ScanReport
 from exporter.daemon.schedule import DueTimes, Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
 from exporter.model import HostScan
-from exporter.state import HostState, Transition, reconfigure, step
+from exporter.state import HostState, Transition, ports_that_matter, reconfigure, step
 from exporter.store import History, StaleStateError, Store
 
 log = structlog.get_logger("portscan_exporter")
@@ -66,6 +66,7 @@ class Daemon:
         self._states: dict[str, HostState] = {}
         self._schedule = DueTimes(config.scan.max_concurrent_hosts)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._filtered: dict[str, frozenset[int]] = {}
         self._report = ScanReport()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -213,6 +214,9 @@ class Daemon:
             )
             return
         self._states[spec.host] = transition.new_state
+        if host_scan.scan.ok:
+            matter = set(ports_that_matter(transition.new_state))
+            self._filtered[spec.host] = frozenset(matter.intersection(host_scan.scan.filtered))
         self._report.scan_finished(spec, host_scan, transition)
         # Counted from now, after identification too: a confirming scan must come
         # `confirm_after` after the first sighting was published, not after its TCP phase.
@@ -291,6 +295,7 @@ class Daemon:
         self._scan_fn = scan_fn
         self._planner = planner
         self._report.keep_only(wanted)
+        self._filtered = {host: f for host, f in self._filtered.items() if host in wanted}
         self._wake.set()
 
     # -- store upkeep -----------------------------------------------------------------------
@@ -328,6 +333,7 @@ class Daemon:
             host = spec.host
             state = self._states.get(host) or HostState.initial(host)
             due, scanning = self._schedule.due.get(host), host in self._schedule.running
+            filtered = self._filtered.get(host)
             view = previous.host(host) if previous is not None else None
             # An unchanged host keeps its view object: /metrics re-renders only new ones.
             if (
@@ -336,8 +342,11 @@ class Daemon:
                 or view.state is not state
                 or view.next_scan != due
                 or view.scanning != scanning
+                or view.filtered != filtered
             ):
-                view = HostView(spec=spec, state=state, next_scan=due, scanning=scanning)
+                view = HostView(
+                    spec=spec, state=state, next_scan=due, scanning=scanning, filtered=filtered
+                )
             hosts.append(view)
         return Snapshot(
             hosts=tuple(hosts),
@@ -345,6 +354,7 @@ class Daemon:
             started_at=self._started_at,
             config_path=str(Path(self._config.path)),
             ready=self._ready,
+            vantage=self._config.vantage,
             scans_total=dict(self._report.scans_total),
             probes_total=dict(self._report.probes_total),
         )

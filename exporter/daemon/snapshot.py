@@ -21,6 +21,9 @@ class HostView:
     state: HostState
     next_scan: float | None  # when it is (or, while scanning, was) due; None: not planned
     scanning: bool = False
+    # Ports with series that the last successful scan got no answer from (dropped); None
+    # until the first scan after a start: it is not kept in the store.
+    filtered: frozenset[int] | None = None
 
     @property
     def host(self) -> str:
@@ -42,6 +45,7 @@ class Snapshot:
     started_at: float
     config_path: str
     ready: bool = False  # state loaded from the store and scheduling running
+    vantage: str | None = None  # the `vantage` label of every series, when configured
     # Counters since start, as Prometheus counters are: (host, result) -> scans finished.
     scans_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
     probes_total: Mapping[str, int] = field(default_factory=dict)

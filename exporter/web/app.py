@@ -99,6 +99,10 @@ class _Endpoints:
         )
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
+        if not self.control.snapshot.ready:
+            # No series rather than series that look like hosts never scanned: Prometheus
+            # records up == 0, as during an outage, and the rules hold the last state.
+            return web.Response(status=503, text="Not ready: loading the stored state\n")
         body, content_type = await asyncio.to_thread(self.exposition)
         response = web.Response(
             body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.VARY: hdrs.ACCEPT_ENCODING}

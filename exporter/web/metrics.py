@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter import __version__
 from exporter.daemon.snapshot import HostView, Snapshot
+from exporter.model import decode_fingerprint
 from exporter.state import RETURN_TO_BASELINE, EventKind, port_statuses
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,6 +74,16 @@ HOST_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("portscan_port_service_info", "gauge", "The service identified on an open port."),
     (
+        "portscan_port_baseline_info",
+        "gauge",
+        "A port of the baseline or expected-open list, with the service the baseline holds.",
+    ),
+    (
+        "portscan_port_tls_cert_info",
+        "gauge",
+        "The TLS certificate served on an open port (SHA-256 prefix, subject, issuer).",
+    ),
+    (
         "portscan_port_tls_cert_expiry_timestamp_seconds",
         "gauge",
         "notAfter of the TLS certificate served on the port.",
@@ -81,6 +92,16 @@ HOST_FAMILIES: tuple[tuple[str, str, str], ...] = (
         "portscan_port_last_change_timestamp_seconds",
         "gauge",
         "When the confirmed state of the port last changed.",
+    ),
+    (
+        "portscan_port_filtered",
+        "gauge",
+        "Whether the last successful scan got no answer on the port (dropped, not refused).",
+    ),
+    (
+        "portscan_confirmations_required",
+        "gauge",
+        "Consecutive scans that must see a change before it is confirmed.",
     ),
     ("portscan_scan_success", "gauge", "Whether the last scan completed and the host answered."),
     ("portscan_last_scan_timestamp_seconds", "gauge", "End of the last completed scan."),
@@ -108,16 +129,39 @@ def _header(name: str, kind: str, doc: str) -> str:
     return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
 
 
-def render_host(view: HostView) -> tuple[str, ...]:
+# How much of a certificate's SHA-256 labels carry: enough to tell two certificates apart.
+CERT_PREFIX = 12
+
+
+def vantage_labels(vantage: str | None) -> str:
+    """`,vantage="..."` to append to every series' labels, or nothing when not configured."""
+    return f',vantage="{_escape(vantage)}"' if vantage else ""
+
+
+def render_host(view: HostView, vantage: str | None = None) -> tuple[str, ...]:
     """The sample lines of one host, one string per family of HOST_FAMILIES."""
     parts: list[list[str]] = [[] for _ in HOST_FAMILIES]
+    where = vantage_labels(vantage)
 
     def add(name: str, labels: str, value: float) -> None:
-        parts[_INDEX[name]].append(f"{name}{{{labels}}} {_num(value)}\n")
+        parts[_INDEX[name]].append(f"{name}{{{labels}{where}}} {_num(value)}\n")
 
     host, state = _escape(view.host), view.state
+    for port, fingerprint in state.baseline.items():
+        service = product = version = cert = ""
+        if fingerprint is not None:
+            service, product, version, cert = decode_fingerprint(fingerprint)
+        add(
+            "portscan_port_baseline_info",
+            f'host="{host}",port="{port}",protocol="tcp",service="{_escape(service)}",'
+            f'product="{_escape(product)}",version="{_escape(version)}",'
+            f'cert_sha256="{_escape(cert[:CERT_PREFIX])}"',
+            1,
+        )
     for status in port_statuses(state):
         labels = f'host="{host}",port="{status.port}",protocol="tcp"'
+        if view.filtered is not None:
+            add("portscan_port_filtered", labels, status.port in view.filtered)
         add("portscan_port_open", labels, status.open)
         add("portscan_port_expected", labels, status.expected)
         add("portscan_port_unexpected_open", labels, status.unexpected_open)
@@ -138,14 +182,19 @@ def render_host(view: HostView) -> tuple[str, ...]:
                 f'product="{_escape(identity.product)}",version="{_escape(identity.version)}"'
             )
             add("portscan_port_service_info", info, 1)
-            # notAfter 0 means the certificate could not be decoded: no expiry to show.
-            if identity.tls is not None and identity.tls.not_after:
+            tls = identity.tls
+            if tls is not None:
                 add(
-                    "portscan_port_tls_cert_expiry_timestamp_seconds",
-                    labels,
-                    identity.tls.not_after,
+                    "portscan_port_tls_cert_info",
+                    f'{labels},cert_sha256="{_escape(tls.sha256[:CERT_PREFIX])}",'
+                    f'subject="{_escape(tls.subject)}",issuer="{_escape(tls.issuer)}"',
+                    1,
                 )
+            # notAfter 0 means the certificate could not be decoded: no expiry to show.
+            if tls is not None and tls.not_after:
+                add("portscan_port_tls_cert_expiry_timestamp_seconds", labels, tls.not_after)
     labels = f'host="{host}"'
+    add("portscan_confirmations_required", labels, view.spec.confirmations)
     if view.next_scan is not None:
         add("portscan_next_scan_timestamp_seconds", labels, view.next_scan)
     add("portscan_scan_in_progress", labels, view.scanning)
@@ -177,7 +226,7 @@ class SnapshotExposition:
     ) -> None:
         self._snapshot = snapshot
         self._process = process  # process_*/python_* collectors, rendered by prometheus_client
-        self._cache: dict[str, tuple[HostView, tuple[str, ...]]] = {}
+        self._cache: dict[str, tuple[HostView, str | None, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def __call__(self) -> tuple[bytes, str]:
@@ -187,11 +236,12 @@ class SnapshotExposition:
             cache = {}
             for view in snap.hosts:
                 cached = self._cache.get(view.host)
-                if cached is None or cached[0] is not view:
-                    cached = (view, render_host(view))
+                if cached is None or cached[0] is not view or cached[1] != snap.vantage:
+                    cached = (view, snap.vantage, render_host(view, snap.vantage))
                 cache[view.host] = cached
             self._cache = cache
-        rendered = [parts for _, parts in cache.values()]
+        rendered = [parts for _, _, parts in cache.values()]
+        where = vantage_labels(snap.vantage)
         out = []
         for i, (name, kind, doc) in enumerate(HOST_FAMILIES):
             out.append(_header(name, kind, doc))
@@ -201,7 +251,7 @@ class SnapshotExposition:
                 "portscan_scans",
                 "Scans finished since start, by result.",
                 (
-                    (f'host="{_escape(host)}",result="{result}"', count)
+                    (f'host="{_escape(host)}",result="{result}"{where}', count)
                     for (host, result), count in sorted(snap.scans_total.items())
                 ),
             )
@@ -210,7 +260,10 @@ class SnapshotExposition:
             _counter(
                 "portscan_probes_sent",
                 "Connect attempts made since start.",
-                ((f'host="{_escape(host)}"', n) for host, n in sorted(snap.probes_total.items())),
+                (
+                    (f'host="{_escape(host)}"{where}', n)
+                    for host, n in sorted(snap.probes_total.items())
+                ),
             )
         )
         reload = snap.reload
@@ -219,6 +272,7 @@ class SnapshotExposition:
                 "portscan_config_last_reload_successful",
                 "Whether the last configuration reload attempt was successful.",
                 reload.successful,
+                where[1:],
             )
         )
         out.append(
@@ -226,6 +280,7 @@ class SnapshotExposition:
                 "portscan_config_last_reload_success_timestamp_seconds",
                 "Timestamp of the last successful configuration reload.",
                 reload.last_success_at,
+                where[1:],
             )
         )
         out.append(
@@ -233,7 +288,7 @@ class SnapshotExposition:
                 "portscan_build_info",
                 "Version of portscan-exporter.",
                 1,
-                f'version="{_escape(__version__)}"',
+                f'version="{_escape(__version__)}"{where}',
             )
         )
         body = "".join(out).encode()
