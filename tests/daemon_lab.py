@@ -73,10 +73,17 @@ def free_port_in(ns: NetNS) -> int:
 
 
 class DaemonProcess:
-    """`python -m exporter --config FILE` inside `ns`, listening on 127.0.0.1:port there."""
+    """`python -m exporter --config FILE` inside `ns`, listening on 127.0.0.1:port there.
 
-    def __init__(self, ns: NetNS, config: Path, port: int, *extra: str) -> None:
+    `source` is a directory holding another `exporter` package to run instead of this tree's
+    (an earlier release, for upgrade tests).
+    """
+
+    def __init__(
+        self, ns: NetNS, config: Path, port: int, *extra: str, source: Path | None = None
+    ) -> None:
         self.ns, self.config, self.port, self.extra = ns, config, port, extra
+        self.source = source
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.parent / "daemon.log"
 
@@ -86,7 +93,7 @@ class DaemonProcess:
                 sys.executable, "-m", "exporter", "--config", str(self.config),
                 "--web.listen-address", f"127.0.0.1:{self.port}", "--log.format", "json",
                 *self.extra,
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.source,
             )  # fmt: skip
         self.wait_until(lambda: self.get("/-/ready")[0] == 200, timeout=30, what="ready")
 

@@ -388,15 +388,23 @@ def _new_port_pages_only_after_the_second_scan(s: Stack) -> None:
     assert note.payload["groupLabels"] == {"host": HOST}
     labels = alert["labels"]
     assert labels["severity"] == "critical" and labels["event"] == "PORT_NEW_OPEN", labels
-    assert labels["protocol"] == "tcp" and labels["job"] == "portscan", labels
+    # One alert per change whichever exporter (or HA pair) saw it: no job or instance label.
+    assert labels["protocol"] == "tcp" and "job" not in labels and "instance" not in labels
     # The rule joined the identification of the port made by the real fingerprinter.
     assert (labels["service"], labels["product"], labels["version"]) == (
         "ssh",
         "OpenSSH",
         "8.4p1",
     ), labels
-    assert alert["annotations"]["summary"] == f"New open port {NEW}/tcp on {HOST}"
-    assert "Service: ssh (OpenSSH 8.4p1)." in alert["annotations"]["description"]
+    assert alert["annotations"]["summary"] == f"{HOST} -- port {NEW}/tcp (ssh) is now open"
+    description = alert["annotations"]["description"]
+    assert description.startswith(
+        f"{HOST} -- port {NEW}/tcp is now open (confirmed on 2 consecutive scans at "
+    ), description
+    assert "Service: ssh (OpenSSH 8.4p1)." in description
+    # The expected-open list is the baseline; 2222 was identified, 8080 never said a word.
+    baseline = "Previous baseline: 2222/ssh, 8080/tcp | Severity: High (critical)."
+    assert baseline in description, description
     assert alert["annotations"]["runbook_url"].endswith("#portscanunexpectedportopen")
 
 
@@ -421,7 +429,11 @@ def _closed_expected_port_opens_a_ticket(s: Stack) -> None:
     assert labels["severity"] == "warning" and labels["event"] == "PORT_NOW_CLOSED", labels
     # A closed port has no identification: the rule's `or` branch, empty service labels.
     assert "service" not in labels, labels
-    assert "Service: none answering." in alert["annotations"]["description"]
+    description = alert["annotations"]["description"]
+    assert f"{HOST} -- port 8080/tcp is now closed (confirmed on 2 consecutive scans" in (
+        description
+    ), description
+    assert "the scan got a reset" in description and "Severity: Medium (warning)" in description
 
     note, alert = s.first("PortscanUnexpectedPortOpen", HOST, "firing", SILENT)
     assert note.payload["receiver"] == "portscan-oncall"
