@@ -370,7 +370,7 @@ async def test_landing_page_shows_every_host(
     assert "<td>22/tcp</td><td>open</td><td>yes</td>" in db
     assert '<td>8080/tcp</td><td>open</td><td><span class="muted">no</span></td>' in db
     assert "<td>ssh</td><td>OpenSSH</td><td>9.2p1</td>" in db
-    assert '<span class="sev-high">PORT_NEW_OPEN</span>' in db
+    assert '<span class="sev-high">PORT_NEW_OPEN (High)</span>' in db
     assert "not in baseline &rarr; http &lt;script&gt;" in db
 
     web = by_host["web.example.test"]

@@ -96,7 +96,7 @@ def history_table(host: str, history: History, since: float) -> str:
             kind = ev.kind.value + (" (resolved)" if ev.resolved else "")
             old, new = describe_fingerprint(ev.old_service), describe_fingerprint(ev.new_service)
             change = f"{old} -> {new}"
-            lines.append(f"{_when(ev.at):<21}{port:<10}{kind:<32}{ev.severity.value:<10}{change}")
+            lines.append(f"{_when(ev.at):<21}{port:<10}{kind:<32}{ev.severity.word:<10}{change}")
     else:
         lines.append("(no events in this period)")
     scans = history.scans

@@ -29,9 +29,17 @@ CHANGE_KINDS = frozenset(
 
 
 class Severity(enum.StrEnum):
+    """The product's words for how bad a change is. APIs carry the value ("high"); people
+    read the word ("High"), which the shipped alerts print beside their routing label
+    ("Severity: High (critical)")."""
+
     HIGH = "high"
     MEDIUM = "medium"
     INFO = "info"
+
+    @property
+    def word(self) -> str:
+        return self.value.capitalize()
 
 
 SEVERITY: Mapping[EventKind, Severity] = {

@@ -137,9 +137,10 @@ def _host_table(view: HostView, now: float) -> str:
         if change is not None:
             old = describe_fingerprint(change.old, missing="not in baseline")
             new = describe_fingerprint(change.new, missing="closed")
+            severity = SEVERITY[change.kind]
             change_cell = (
-                f'<span class="{_severity_class(SEVERITY[change.kind])}">{_e(change.kind.value)}'
-                f"</span> {_when(ago(change.since, now), change.since)}<br>"
+                f'<span class="{_severity_class(severity)}">{_e(change.kind.value)}'
+                f" ({severity.word})</span> {_when(ago(change.since, now), change.since)}<br>"
                 f"{_e(old)} &rarr; {_e(new)}"
             )
         pending_cell = ""
