@@ -12,8 +12,9 @@ One scenario, in order, each step waiting on what the previous one left behind:
 1. a new port opens: the critical page reaches the webhook, and only after the second scan saw it;
 2. it closes: the resolved notification follows;
 3. an expected port closes: a warning ticket (and another new port: a second page);
-4. the host stops answering: the unreachable alert arrives and both port alerts are inhibited;
-5. every dashboard expression runs against this Prometheus, fed by the real daemon.
+4. another server answers on an expected port: a ticket that says what ran there before;
+5. the host stops answering: the unreachable alert arrives and both port alerts are inhibited;
+6. every dashboard expression runs against this Prometheus, fed by the real daemon.
 """
 
 from __future__ import annotations
@@ -322,6 +323,7 @@ def test_alerts_travel_from_scan_to_webhook_and_dashboards_query_the_daemon(
     _new_port_pages_only_after_the_second_scan(s)
     _closing_it_again_resolves_the_page(s)
     _closed_expected_port_opens_a_ticket(s)
+    _service_change_says_what_ran_before(s)
     _unreachable_host_inhibits_its_port_alerts(s)
 
     notes = s.webhook.snapshot()
@@ -336,6 +338,7 @@ def test_alerts_travel_from_scan_to_webhook_and_dashboards_query_the_daemon(
     assert {a["labels"]["alertname"] for n in notes for a in n.alerts} == {
         "PortscanUnexpectedPortOpen",
         "PortscanExpectedPortClosed",
+        "PortscanServiceChanged",
         "PortscanHostUnreachable",
     }, s.explain()
 
@@ -440,6 +443,30 @@ def _closed_expected_port_opens_a_ticket(s: Stack) -> None:
     assert alert["labels"]["service"] == "unknown", alert  # it never said a word
 
 
+def _service_change_says_what_ran_before(s: Stack) -> None:
+    s.close(HOST, 2222)
+    s.open(HOST, 2222, NEW_SSH)  # another SSH server on the expected port
+    note, alert = s.first("PortscanServiceChanged", HOST, "firing", 2222)
+    assert note.payload["receiver"] == "portscan-ticket", note.payload
+    labels = alert["labels"]
+    assert labels["event"] == "PORT_SERVICE_CHANGED" and labels["severity"] == "warning"
+    assert (labels["service"], labels["product"], labels["version"]) == (
+        "ssh",
+        "OpenSSH",
+        "8.4p1",
+    )
+    summary = alert["annotations"]["summary"]
+    assert summary == (
+        f"{HOST} -- service on port 2222/tcp changed: ssh (OpenSSH 9.2p1) → ssh (OpenSSH 8.4p1)"
+    ), summary
+    description = alert["annotations"]["description"]
+    assert (
+        f"{HOST} -- port 2222/tcp changed from ssh (OpenSSH 9.2p1) to ssh (OpenSSH 8.4p1)"
+        " (confirmed on 2 consecutive scans at " in description
+    ), description
+    assert "Severity: Medium (warning)" in description, description
+
+
 def _unreachable_host_inhibits_its_port_alerts(s: Stack) -> None:
     s.ns.iptables("-A", "INPUT", "-d", HOST, "-j", "DROP")
     note, alert = s.first("PortscanHostUnreachable", HOST, "firing")
@@ -452,7 +479,11 @@ def _unreachable_host_inhibits_its_port_alerts(s: Stack) -> None:
     )
 
     # Still firing in Prometheus (the gauges are frozen), only Alertmanager holds them back.
-    in_force = {("PortscanExpectedPortClosed", "8080"), ("PortscanUnexpectedPortOpen", str(SILENT))}
+    in_force = {
+        ("PortscanExpectedPortClosed", "8080"),
+        ("PortscanUnexpectedPortOpen", str(SILENT)),
+        ("PortscanServiceChanged", "2222"),
+    }
     firing = {
         (a["labels"]["alertname"], a["labels"].get("port"))
         for a in s.prom.alerts()
