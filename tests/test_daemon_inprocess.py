@@ -485,3 +485,27 @@ async def test_every_series_carries_the_vantage_and_dropped_ports_show_as_filter
         in samples
     )
     assert 'portscan_build_info{version="' in body and 'vantage="outside"} 1' in body
+
+
+async def test_a_restart_keeps_a_pending_confirmation_early(tmp_path: Path) -> None:
+    host = HOSTS[0]
+    async with running_daemon(tmp_path, [host]) as run:
+        run.scan.open_ports[host] = (22,)
+        await run.advance(FIRST_SCAN_SPREAD_SECONDS)
+        run.scan.open_ports[host] = (22, 443)
+        await run.advance_to(run.next_scan(host))
+        assert 443 in run.view(host).state.pending
+        now = run.clock.now()
+
+    # Started again a minute later on the same store: the confirming scan stays 5m after
+    # the sighting, not an interval (1h) after it.
+    clock = FakeClock(now + 60)
+    daemon = Daemon(load_config(run.config_path), build_scan=build_with(run.scan), clock=clock)
+    await daemon.startup()
+    try:
+        view = daemon.snapshot.host(host)
+        assert view is not None and view.state.last_scan is not None
+        assert 443 in view.state.pending
+        assert view.next_scan == view.state.last_scan.finished + 300
+    finally:
+        await daemon.shutdown()

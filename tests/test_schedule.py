@@ -51,6 +51,24 @@ def test_first_due(last_finished: float | None, earliest: float, latest: float) 
         assert earliest <= due <= latest
 
 
+@pytest.mark.parametrize(
+    ("last_finished", "earliest", "latest"),
+    [
+        # A change seen 1 minute before a restart: confirmed 5 minutes after that sighting.
+        (NOW - 60, NOW + 240, NOW + 240),
+        # Seen long before the restart: confirmed soon, not an interval later.
+        (NOW - 3600, NOW, NOW + FIRST_SCAN_SPREAD_SECONDS),
+    ],
+)
+def test_first_due_with_a_pending_change_keeps_the_confirmation_early(
+    last_finished: float, earliest: float, latest: float
+) -> None:
+    p = planner()
+    for _ in range(50):
+        due = p.first_due(spec(), last_finished, NOW, confirming=True)
+        assert earliest <= due <= latest
+
+
 def test_next_due_is_interval_with_jitter_and_confirmation_is_early() -> None:
     p = planner(fraction=0.1)
     dues = [p.next_due(spec(), NOW, confirming=False) - NOW for _ in range(200)]

@@ -286,7 +286,9 @@ class Daemon:
                 due[spec.host] = kept
             else:
                 finished = state.last_scan.finished if state.last_scan else None
-                due[spec.host] = planner.first_due(spec, finished, now)
+                due[spec.host] = planner.first_due(
+                    spec, finished, now, confirming=bool(state.pending)
+                )
         self._config = config
         self._specs = {spec.host: spec for spec in config.hosts}
         self._states = states

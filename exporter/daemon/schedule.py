@@ -4,6 +4,8 @@
   so a thousand targets do not start in the same instant.
 - A host whose last scan is older than its interval (the daemon was down) is scanned once,
   soon, not once per missed interval.
+- A host with a change seen but not yet confirmed is due `confirm_after` after its last scan,
+  restart or not: a deploy must not hold a confirmation (and its alert) back a whole interval.
 - After a scan, the next one is `interval` later, moved by a random jitter so hosts that
   started together drift apart; a scan that saw an unconfirmed change asks for the
   confirming scan `confirm_after` later instead.
@@ -32,13 +34,17 @@ class Planner:
             span = (self.settings.jitter_fraction or 0.0) * spec.interval
         return min(span, spec.interval / 2)
 
-    def first_due(self, spec: HostSpec, last_finished: float | None, now: float) -> float:
-        """Due time at start (or when a reload adds the host)."""
+    def first_due(
+        self, spec: HostSpec, last_finished: float | None, now: float, *, confirming: bool = False
+    ) -> float:
+        """Due time at start (or when a reload adds the host). `confirming`: the stored
+        state holds a change seen but not yet confirmed."""
         spread = min(FIRST_SCAN_SPREAD_SECONDS, self.jitter_span(spec) or 0.0)
         soon = now + self.rng.uniform(0.0, spread)
         if last_finished is None:
             return soon
-        return max(soon, last_finished + spec.interval)
+        wait = spec.confirm_after if confirming else spec.interval
+        return max(soon, last_finished + wait)
 
     def next_due(self, spec: HostSpec, finished: float, *, confirming: bool) -> float:
         if confirming:
