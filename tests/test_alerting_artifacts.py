@@ -47,6 +47,7 @@ CONTRACT: dict[str, tuple[str, str] | None] = {
     "PortscanScanStale": None,
     "PortscanConfigReloadFailed": None,
     "PortscanExporterDown": ("warning", "EXPORTER_DOWN"),
+    "PortscanStoreWriteFailing": ("critical", "STORE_WRITE_FAILING"),
 }
 PORT_ALERTS = {"PortscanUnexpectedPortOpen", "PortscanExpectedPortClosed", "PortscanServiceChanged"}
 RECEIVER_FOR_SEVERITY = {"critical": "portscan-oncall", "warning": "portscan-ticket"}
@@ -57,7 +58,12 @@ PRODUCT_SEVERITY = {
     "PortscanServiceChanged": "Medium",
 }
 # Alerts about one exporter rather than about the hosts: they keep job and instance.
-PER_EXPORTER = {"PortscanScanStale", "PortscanConfigReloadFailed", "PortscanExporterDown"}
+PER_EXPORTER = {
+    "PortscanScanStale",
+    "PortscanConfigReloadFailed",
+    "PortscanExporterDown",
+    "PortscanStoreWriteFailing",
+}
 # The `by` list of the aggregated alerts: what identifies a change, and nothing of the target.
 AGGREGATED_BY = "by (host, port, protocol, vantage"
 HELD = re.compile(r"portscan:(portscan_[a-z_]+):held")
@@ -183,6 +189,7 @@ def test_alerts_follow_the_contract() -> None:
         assert "{{ $labels.host }}" in rule["annotations"]["description"] or name in {
             "PortscanConfigReloadFailed",
             "PortscanExporterDown",
+            "PortscanStoreWriteFailing",
         }, f"{name}: description does not name the host"
 
 

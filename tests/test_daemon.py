@@ -7,6 +7,7 @@ cutting the scrape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -321,3 +323,73 @@ def test_cli_accept_while_running_and_history(
     refused = ns.run(*cli, "baseline", "accept", "--host", "192.0.2.1", "--config", config,
                      check=False)  # fmt: skip
     assert refused.returncode == 1 and "192.0.2.1" in refused.stderr
+
+
+@requires_netns
+def test_a_full_disk_is_seen_retried_with_backoff_and_recovered(tmp_path: Path) -> None:
+    """The store on a tiny tmpfs that fills up: every scan's write fails with `database or
+    disk is full`. That shows on /metrics, /-/ready and the page, the exported next scan stays
+    overdue, retries back off, and freeing space brings everything back without a restart."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(volume)], check=True)
+    try:
+        config = tmp_path / "config.yaml"
+        config.write_text(config_text(volume / "state.sqlite"))
+        with NetNS("psf") as ns:
+            listeners = Listeners(ns)
+            for port in BASELINE:
+                listeners.open(port)
+            daemon = DaemonProcess(ns, config, free_port_in(ns))
+            daemon.start()
+            try:
+                _fill_and_free(daemon, volume)
+            finally:
+                assert daemon.terminate() == 0
+                listeners.close_all()
+    finally:
+        subprocess.run(["umount", str(volume)], check=False)
+
+
+def _fill_and_free(daemon: DaemonProcess, volume: Path) -> None:
+    scrape = daemon.wait_for_scan(HOST, 1)
+    assert scrape.value("portscan_store_last_write_successful") == 1
+    filler = volume / "filler"
+    with filler.open("wb") as out, contextlib.suppress(OSError):
+        while True:  # until ENOSPC
+            out.write(b"\0" * 65536)
+            out.flush()
+
+    def failing() -> bool:
+        s = daemon.scrape()
+        return s.value("portscan_store_last_write_successful") == 0
+
+    daemon.wait_until(failing, timeout=30, what="a refused write")
+    failed = daemon.scrape()
+    errors = failed.value("portscan_scans_total", host=HOST, result="error")
+    assert errors is not None and errors >= 1, failed.text
+    assert (failed.value("portscan_store_write_errors_total") or 0) >= 1
+    status, body = daemon.get("/-/ready")
+    assert status == 503 and b"store refuses writes" in body, body
+    status, page = daemon.get("/")
+    assert status == 200 and b"The store refuses writes" in page
+    overdue = failed.value("portscan_next_scan_timestamp_seconds", host=HOST)
+    assert overdue is not None and overdue < time.time(), "the failed scan does not show overdue"
+
+    # Backed off: a retry 10 s after the first failure, not one per interval (1.5 s).
+    time.sleep(6)
+    later = daemon.scrape()
+    assert later.value("portscan_scans_total", host=HOST, result="error") == errors, later.text
+    assert later.value("portscan_next_scan_timestamp_seconds", host=HOST) == overdue
+    assert daemon.logs().count("store write failed") == errors
+
+    filler.unlink()
+    daemon.wait_until(
+        lambda: daemon.scrape().value("portscan_store_last_write_successful") == 1,
+        timeout=40,
+        what="a write after space was freed",
+    )
+    assert daemon.get("/-/ready")[0] == 200
+    recovered = daemon.scrape()
+    assert recovered.value("portscan_store_last_write_success_timestamp_seconds") is not None
+    assert (recovered.value("portscan_next_scan_timestamp_seconds", host=HOST) or 0) > overdue

@@ -139,6 +139,11 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
     expected = {f"portscan_{name}": "gauge" for name in gauges}
     # The text parser names a counter family without _total; its samples keep it.
     expected |= {"portscan_scans": "counter", "portscan_probes_sent": "counter"}
+    # The store's health; its last-success time appears once the daemon has written.
+    expected |= {
+        "portscan_store_write_errors": "counter",
+        "portscan_store_last_write_successful": "gauge",
+    }
     assert {name: kind for name, kind in types.items() if name.startswith("portscan_")} == expected
     assert types["process_cpu_seconds"] == "counter" and types["python_info"] == "gauge"
 

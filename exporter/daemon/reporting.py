@@ -6,6 +6,7 @@ Kept apart from the runner so that recording a scan is only "step, store, publis
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import structlog
 
@@ -69,5 +70,37 @@ class ScanReport:
             confirming=transition.needs_confirmation,
         )
 
-    def scan_failed(self, spec: HostSpec) -> None:
-        log.exception("scan failed", host=spec.host)
+    def scan_failed(
+        self, spec: HostSpec, error: BaseException, *, retry_in: float, store: bool
+    ) -> None:
+        """A scan that recorded nothing: counted as result="error", logged in one line when
+        the store refused the write (the error says why), with the traceback otherwise."""
+        key = (spec.host, "error")
+        self._scans_total[key] = self._scans_total.get(key, 0) + 1
+        if store:
+            log.error(
+                "store write failed, scan not recorded",
+                host=spec.host,
+                error=str(error) or type(error).__name__,
+                retry_in_seconds=round(retry_in, 1),
+            )
+        else:
+            log.exception("scan failed", host=spec.host, retry_in_seconds=round(retry_in, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """Whether the store takes the daemon's writes: when it does not, nothing is recorded
+    and nothing can alert, so it must show (metrics, readiness, page, log)."""
+
+    write_errors_total: int = 0
+    last_write_ok: bool = True
+    last_success_at: float | None = None
+    last_error: str | None = None
+
+    def succeeded(self, at: float) -> StoreHealth:
+        return StoreHealth(self.write_errors_total, True, at, None)
+
+    def failed(self, error: BaseException) -> StoreHealth:
+        message = str(error) or type(error).__name__
+        return StoreHealth(self.write_errors_total + 1, False, self.last_success_at, message)

@@ -31,7 +31,7 @@ import structlog
 from exporter.config import Config, ConfigError, HostSpec, load_config
 from exporter.daemon.clock import Clock, SystemClock
 from exporter.daemon.pipeline import BuildScan, ScanFn, build_scan_pipeline
-from exporter.daemon.reporting import ScanReport
+from exporter.daemon.reporting import ScanReport, StoreHealth
 from exporter.daemon.schedule import DueTimes, Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
 from exporter.model import HostScan
@@ -45,6 +45,11 @@ POLL_STORE_SECONDS = 5.0
 PRUNE_EVERY_SECONDS = 86400.0
 # How often the same host's scan may be refused by the store for being stale in a row.
 STALE_STATE_ATTEMPTS = 3
+# A scan that recorded nothing is tried again after RETRY_SECONDS, doubling on each failure
+# in a row up to RETRY_MAX_SECONDS (never sooner than the host's interval): a full disk or a
+# locked database must not make the daemon spin.
+RETRY_SECONDS = 10.0
+RETRY_MAX_SECONDS = 600.0
 
 
 class Daemon:
@@ -67,6 +72,9 @@ class Daemon:
         self._schedule = DueTimes(config.scan.max_concurrent_hosts)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._filtered: dict[str, frozenset[int]] = {}
+        self._failures: dict[str, int] = {}  # scans in a row that recorded nothing
+        self._overdue_since: dict[str, float] = {}  # the due time the first of them had
+        self._store_health = StoreHealth()
         self._report = ScanReport()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -203,16 +211,22 @@ class Daemon:
             if scan_fn is None:
                 raise RuntimeError("no scan step: the daemon has not started")
             host_scan = await scan_fn(spec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not stop the other hosts: log, retry later
+            self._scan_failed(spec, exc, store=False)
+            return
+        try:
             transition = await self._record(spec, host_scan)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            # A bug or a storage failure must not stop the other hosts: log, retry later.
-            self._report.scan_failed(spec)
-            self._schedule.due[spec.host] = self._planner.next_due(
-                spec, self._clock.now(), confirming=False
-            )
+        except Exception as exc:  # full disk, locked or vanished database, I/O error
+            self._store_health = self._store_health.failed(exc)
+            self._scan_failed(spec, exc, store=True)
             return
+        self._store_health = self._store_health.succeeded(self._clock.now())
+        self._failures.pop(spec.host, None)
+        self._overdue_since.pop(spec.host, None)
         self._states[spec.host] = transition.new_state
         if host_scan.scan.ok:
             matter = set(ports_that_matter(transition.new_state))
@@ -223,6 +237,19 @@ class Daemon:
         self._schedule.due[spec.host] = self._planner.next_due(
             spec, self._clock.now(), confirming=transition.needs_confirmation
         )
+        self._publish()
+
+    def _scan_failed(self, spec: HostSpec, error: Exception, *, store: bool) -> None:
+        host = spec.host
+        failures = self._failures[host] = self._failures.get(host, 0) + 1
+        backoff = min(RETRY_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+        retry_in = max(backoff, min(spec.interval, RETRY_MAX_SECONDS))
+        # Exported as the next scan stays the time the failed scan was due, so the scan
+        # shows as overdue (PortscanScanStale) instead of always being just ahead.
+        if host in self._schedule.due:
+            self._overdue_since.setdefault(host, self._schedule.due[host])
+        self._schedule.due[host] = self._clock.now() + retry_in
+        self._report.scan_failed(spec, error, retry_in=retry_in, store=store)
         self._publish()
 
     async def _record(self, spec: HostSpec, host_scan: HostScan) -> Transition:
@@ -298,6 +325,8 @@ class Daemon:
         self._planner = planner
         self._report.keep_only(wanted)
         self._filtered = {host: f for host, f in self._filtered.items() if host in wanted}
+        self._failures = {host: n for host, n in self._failures.items() if host in wanted}
+        self._overdue_since = {h: t for h, t in self._overdue_since.items() if h in wanted}
         self._wake.set()
 
     # -- store upkeep -----------------------------------------------------------------------
@@ -335,6 +364,7 @@ class Daemon:
             host = spec.host
             state = self._states.get(host) or HostState.initial(host)
             due, scanning = self._schedule.due.get(host), host in self._schedule.running
+            due = self._overdue_since.get(host, due)
             filtered = self._filtered.get(host)
             view = previous.host(host) if previous is not None else None
             # An unchanged host keeps its view object: /metrics re-renders only new ones.
@@ -357,6 +387,7 @@ class Daemon:
             config_path=str(Path(self._config.path)),
             ready=self._ready,
             vantage=self._config.vantage,
+            store=self._store_health,
             scans_total=dict(self._report.scans_total),
             probes_total=dict(self._report.probes_total),
         )

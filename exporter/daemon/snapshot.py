@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from exporter.config import HostSpec
+from exporter.daemon.reporting import StoreHealth
 from exporter.state import HostState
 from exporter.store import History
 
@@ -46,6 +47,7 @@ class Snapshot:
     config_path: str
     ready: bool = False  # state loaded from the store and scheduling running
     vantage: str | None = None  # the `vantage` label of every series, when configured
+    store: StoreHealth = field(default_factory=StoreHealth)
     # Counters since start, as Prometheus counters are: (host, result) -> scans finished.
     scans_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
     probes_total: Mapping[str, int] = field(default_factory=dict)

@@ -117,7 +117,11 @@ class _Endpoints:
         return web.Response(text="Healthy\n")
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
-        if self.control.snapshot.ready:
+        snapshot = self.control.snapshot
+        if snapshot.ready and not snapshot.store.last_write_ok:
+            error = snapshot.store.last_error or "unknown error"
+            return web.Response(status=503, text=f"Not ready: the store refuses writes ({error})\n")
+        if snapshot.ready:
             return web.Response(text="Ready\n")
         return web.Response(status=503, text="Not ready: loading the stored state\n")
 

@@ -214,7 +214,10 @@ def _single(name: str, doc: str, value: float, labels: str = "") -> str:
 
 def _counter(name: str, doc: str, samples: Iterable[tuple[str, float]]) -> str:
     # The text format names a counter family after its samples, _total included.
-    body = "".join(f"{name}_total{{{labels}}} {_num(value)}\n" for labels, value in samples)
+    body = "".join(
+        f"{name}_total{{{labels}}} {_num(value)}\n" if labels else f"{name}_total {_num(value)}\n"
+        for labels, value in samples
+    )
     return _header(f"{name}_total", "counter", doc) + body
 
 
@@ -266,6 +269,31 @@ class SnapshotExposition:
                 ),
             )
         )
+        store = snap.store
+        out.append(
+            _counter(
+                "portscan_store_write_errors",
+                "Scans whose results the store refused to record (full disk, locked database).",
+                ((where[1:], store.write_errors_total),),
+            )
+        )
+        out.append(
+            _single(
+                "portscan_store_last_write_successful",
+                "Whether the last write to the store succeeded.",
+                store.last_write_ok,
+                where[1:],
+            )
+        )
+        if store.last_success_at is not None:
+            out.append(
+                _single(
+                    "portscan_store_last_write_success_timestamp_seconds",
+                    "When the store last recorded a scan.",
+                    store.last_success_at,
+                    where[1:],
+                )
+            )
         reload = snap.reload
         out.append(
             _single(

@@ -268,6 +268,11 @@ def render_status_page(
     notices = []
     if not snapshot.ready:
         notices.append('<p class="warn">Starting: the stored state is not loaded yet.</p>')
+    if not snapshot.store.last_write_ok:
+        notices.append(
+            '<p class="warn">The store refuses writes: scans are not recorded and no change'
+            f" can alert ({_e(snapshot.store.last_error or 'unknown error')}).</p>"
+        )
     body = [
         f"<header><h1>{_e(product)}</h1>",
         f'<p class="meta">version {_e(version)} &middot; up'
