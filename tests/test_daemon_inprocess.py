@@ -27,12 +27,12 @@ import pytest
 from exporter.commands.run import serve
 from exporter.config import Config, HostSpec, load_config
 from exporter.daemon.pipeline import ScanFn
-from exporter.daemon.runner import Daemon
+from exporter.daemon.runner import POLL_STORE_SECONDS, Daemon
 from exporter.daemon.schedule import FIRST_SCAN_SPREAD_SECONDS
 from exporter.daemon.snapshot import HostView
 from exporter.model import HostScan, ScanResult
 from exporter.state import EventKind
-from exporter.store import Store
+from exporter.store import Store, StoreInUseError
 from exporter.web.app import build_app
 from exporter.web.metrics import SnapshotExposition
 
@@ -509,3 +509,43 @@ async def test_a_restart_keeps_a_pending_confirmation_early(tmp_path: Path) -> N
         assert view.next_scan == view.state.last_scan.finished + 300
     finally:
         await daemon.shutdown()
+
+
+async def test_any_failure_of_a_reload_keeps_the_running_config(tmp_path: Path) -> None:
+    host = HOSTS[0]
+    async with running_daemon(tmp_path, [host]) as run:
+        calls = 0
+
+        def broken_build(_config: Config, _running: ScanFn | None) -> ScanFn:
+            nonlocal calls
+            calls += 1
+            raise RecursionError("maximum recursion depth exceeded\nwhile building")
+
+        run.daemon._build_scan = broken_build  # the next reload meets an unexpected error
+        write_config(run.config_path, [host, HOSTS[1]], state=run.state_path)
+        result = await run.daemon.reload()
+        assert calls == 1
+        assert not result.successful
+        assert result.error == "RecursionError: maximum recursion depth exceeded"
+        assert run.daemon.snapshot.reload.successful is False
+        assert [view.host for view in run.daemon.snapshot.hosts] == [host]
+
+
+async def test_a_second_daemon_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, HOSTS[:1]) as run:
+        second = Daemon(
+            load_config(run.config_path), build_scan=build_with(run.scan), clock=FakeClock()
+        )
+        with pytest.raises(StoreInUseError, match="in use by another portscan-exporter daemon"):
+            await second.startup()
+
+
+async def test_a_store_file_deleted_under_the_daemon_is_reported(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, HOSTS[:1]) as run:
+        await run.advance(FIRST_SCAN_SPREAD_SECONDS)
+        assert run.daemon.snapshot.store.last_write_ok
+        run.state_path.unlink()
+        await run.advance(POLL_STORE_SECONDS)  # the next look at the store
+        store = run.daemon.snapshot.store
+        assert not store.last_write_ok
+        assert store.last_error is not None and "deleted or moved away" in store.last_error

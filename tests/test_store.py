@@ -1,7 +1,8 @@
 """Tests of the SQLite store: schema, transactions, timeline, restarts and kill -9.
 
 The crash tests run this file as a writer process (`python tests/test_store.py writer ...`)
-that records a deterministic sequence of scans and is killed with SIGKILL at random moments.
+that records a deterministic sequence of scans and is killed with SIGKILL at random moments;
+the lock tests run it as a daemon holding the store (`... hold-exclusive PATH`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ from exporter.store import (
     SchemaTooNewError,
     StaleStateError,
     Store,
+    StoreInUseError,
+    StoreReplacedError,
     decode_state,
     encode_state,
+    lock_path,
 )
 
 T0 = 1_700_000_000.0
@@ -799,7 +803,140 @@ def test_history_table_names_services_for_people(tmp_path: Path) -> None:
     assert "[" not in table and "|" not in table
 
 
+# -- one daemon per store, and the file under a running daemon ---------------------------------
+
+
+def hold_exclusive_main(argv: list[str]) -> int:
+    """Open the store at argv[0] as the daemon does, say "ready" and wait to be killed."""
+    with Store.open(Path(argv[0]), exclusive=True) as store:
+        record_all(store, "alpha", [{22: SSH}])
+        print("ready", flush=True)
+        time.sleep(120)
+    return 1
+
+
+def test_a_second_daemon_on_the_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with Store.open(path, exclusive=True) as daemon:
+        assert daemon.exclusive
+        assert lock_path(path) == tmp_path / "state.sqlite.lock"
+        assert lock_path(path).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(StoreInUseError) as refused:
+            Store.open(path, exclusive=True)
+        message = str(refused.value)
+        assert message.startswith(f"{path}: the store is in use by another portscan-exporter")
+        assert f"process {os.getpid()} holds {lock_path(path)}" in message
+        assert isinstance(refused.value, OSError)
+        assert (refused.value.pid, refused.value.path) == (os.getpid(), path)
+        # The CLI opens beside the daemon, reads, and accepts (a write the daemon then sees).
+        record_all(daemon, "alpha", [{22: SSH}, {22: SSH_NEW}, {22: SSH_NEW}])
+        with Store.open(path) as cli:
+            assert not cli.exclusive and not cli.created
+            assert len(cli.history("alpha", 0.0).scans) == 3
+            cli.accept("alpha", now=T0 + 5000)
+        assert set(daemon.poll_changes()) == {"alpha"}
+    # Closing released the lock, and the lock file stays for the next daemon.
+    assert lock_path(path).exists()
+    with Store.open(path, exclusive=True) as daemon:
+        assert daemon.load_state("alpha") is not None
+
+
+def test_the_lock_dies_with_a_daemon_killed_with_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    args = [sys.executable, __file__, "hold-exclusive", str(path)]
+    holder = subprocess.Popen(args, env=WRITER_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreInUseError, match=f"process {holder.pid} holds") as refused:
+            Store.open(path, exclusive=True)
+        assert refused.value.pid == holder.pid
+        with Store.open(path) as cli:  # the CLI works while that daemon runs
+            assert cli.hosts() == ["alpha"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    assert holder.returncode == -signal.SIGKILL
+    with Store.open(path, exclusive=True) as daemon:
+        assert daemon.hosts() == ["alpha"] and not daemon.created
+        assert lock_path(path).read_text() == f"{os.getpid()}\n"
+
+
+def test_created_tells_a_new_store_from_an_existing_one(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with Store.open(path, exclusive=True) as store:
+        assert store.created
+    with Store.open(path, exclusive=True) as store:
+        assert not store.created
+    with Store.open(path) as store:
+        assert not store.created
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()  # a file with no schema holds no state either
+    with Store.open(empty) as store:
+        assert store.created
+
+
+def test_writes_to_a_deleted_store_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with Store.open(path, exclusive=True) as store:
+        state = record_all(store, "alpha", [{22: SSH}, {22: SSH_NEW}, {22: SSH_NEW}])
+        events = store.history("alpha", 0.0).events
+        assert store.check_identity() is None
+        path.unlink()
+        problem = store.check_identity()
+        assert problem is not None
+        assert problem.startswith(f"{path}: the store file was deleted or moved away")
+        with pytest.raises(StoreReplacedError, match="deleted or moved away") as refused:
+            record_all(store, "alpha", [{22: SSH_NEW}])
+        assert str(refused.value) == problem
+        scan = make_scan("beta", 0, {22: SSH})
+        with pytest.raises(StoreReplacedError):
+            store.record_scan(scan, step_scan(HostState.initial("beta"), scan))
+        with pytest.raises(StoreReplacedError):
+            store.accept("alpha", now=T0 + 5000)
+        with pytest.raises(StoreReplacedError):
+            store.record_transition(reconfigure(state, expected_open=(22,), at=T0), now=T0)
+        with pytest.raises(StoreReplacedError):
+            store.prune(T0 + 1e9)
+        # Nothing reached the orphaned file; it still reads as it was.
+        assert store.load_states() == {"alpha": state}
+        assert len(store.history("alpha", 0.0).scans) == 3
+        assert store.history("alpha", 0.0).events == events
+        assert not path.exists() and Path(f"{path}-wal").stat().st_size == 0
+    # The next start finds no store, and says so.
+    with Store.open(path, exclusive=True) as store:
+        assert store.created and store.hosts() == []
+
+
+def test_writes_to_a_replaced_store_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with Store.open(tmp_path / "other.sqlite") as other:
+        record_all(other, "zeta", [{80: HTTP}])
+    with Store.open(path, exclusive=True) as store:
+        state = record_all(store, "alpha", [{22: SSH}])
+        events = store.history("alpha", 0.0).events
+        os.replace(tmp_path / "other.sqlite", path)  # a restored backup, a careless mv
+        replacement = path.read_bytes()
+        problem = store.check_identity()
+        assert problem is not None and problem.startswith(f"{path}: the store file was replaced")
+        with pytest.raises(StoreReplacedError, match="replaced while in use"):
+            record_all(store, "alpha", [{22: SSH_NEW}])
+        assert path.read_bytes() == replacement
+        assert store.load_states() == {"alpha": state}
+        assert store.history("alpha", 0.0).events == events
+        # The orphan's write-ahead log, still named state.sqlite-wal, was emptied, so that it is
+        # not replayed onto the replacement by whoever opens the path now.
+        assert Path(f"{path}-wal").stat().st_size == 0
+        with Store.open(path) as cli:
+            assert cli.hosts() == ["zeta"]
+    # The replacement is intact after the orphan closed, and is what the next start opens.
+    with Store.open(path, exclusive=True) as store:
+        assert store.hosts() == ["zeta"] and not store.created
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["writer"]:
     sys.exit(writer_main(sys.argv[2:]))
 if __name__ == "__main__" and sys.argv[1:2] == ["hang-in-migration"]:
     sys.exit(hang_in_migration_main(sys.argv[2:]))
+if __name__ == "__main__" and sys.argv[1:2] == ["hold-exclusive"]:
+    sys.exit(hold_exclusive_main(sys.argv[2:]))

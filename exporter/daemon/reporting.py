@@ -101,6 +101,8 @@ class StoreHealth:
     def succeeded(self, at: float) -> StoreHealth:
         return StoreHealth(self.write_errors_total, True, at, None)
 
-    def failed(self, error: BaseException) -> StoreHealth:
+    def failed(self, error: BaseException, *, count: bool = True) -> StoreHealth:
+        """After a refused write (counted), or a problem seen without writing."""
         message = str(error) or type(error).__name__
-        return StoreHealth(self.write_errors_total + 1, False, self.last_success_at, message)
+        errors = self.write_errors_total + (1 if count else 0)
+        return StoreHealth(errors, False, self.last_success_at, message)

@@ -52,6 +52,12 @@ RETRY_SECONDS = 10.0
 RETRY_MAX_SECONDS = 600.0
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for an unexpected error: its type and the first line of its text."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Daemon:
     def __init__(
         self,
@@ -98,8 +104,8 @@ class Daemon:
         try:
             config = await asyncio.to_thread(load_config, path)
             scan_fn = await asyncio.to_thread(self._build_scan, config, self._scan_fn)
-        except (ConfigError, OSError, ValueError) as exc:
-            error = str(exc)
+        except Exception as exc:  # whatever went wrong, the running config stays
+            error = str(exc) if isinstance(exc, ConfigError | OSError) else _describe(exc)
             log.error("config reload failed, keeping the running config", error=error)
             self._reload = replace(self._reload, successful=False, at=now, error=error)
             self._publish()
@@ -131,7 +137,11 @@ class Daemon:
         store or a large signature file."""
         config = self._config
         config.storage.path.parent.mkdir(parents=True, exist_ok=True)
-        self._store = await asyncio.to_thread(Store.open, config.storage.path)
+        # Exclusive: a second daemon on the same store is refused (StoreInUseError, an
+        # OSError naming the holder); the CLI's history and accept open it beside us.
+        self._store = await asyncio.to_thread(
+            functools.partial(Store.open, config.storage.path, exclusive=True)
+        )
         scan_fn = await asyncio.to_thread(self._build_scan, config, None)
         stored = await asyncio.to_thread(self._store.load_states)
         self._states = {}
@@ -332,6 +342,15 @@ class Daemon:
     # -- store upkeep -----------------------------------------------------------------------
 
     async def _pick_up_external_writes(self, store: Store) -> None:
+        # A store file deleted or replaced under us is noticed here, not only at the next
+        # write (hours away): the write would go to the orphaned file.
+        problem = await asyncio.to_thread(store.check_identity)
+        if problem is not None:
+            if self._store_health.last_error != problem:
+                log.error("store file lost, writes are refused", error=problem)
+            self._store_health = self._store_health.failed(RuntimeError(problem), count=False)
+            self._publish()
+            return
         changed = await asyncio.to_thread(store.poll_changes)
         updated = {host: state for host, state in changed.items() if host in self._states}
         if updated:

@@ -4,6 +4,7 @@ from .codec import CodecError, decode_state, encode_state
 from .database import (
     DEFAULT_BUSY_TIMEOUT_SECONDS,
     DEFAULT_RETENTION_SECONDS,
+    LOCK_SUFFIX,
     History,
     Interval,
     PruneResult,
@@ -13,12 +14,16 @@ from .database import (
     Store,
     StoredEvent,
     StoreError,
+    StoreInUseError,
+    StoreReplacedError,
+    lock_path,
 )
 from .schema import MIGRATIONS
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT_SECONDS",
     "DEFAULT_RETENTION_SECONDS",
+    "LOCK_SUFFIX",
     "MIGRATIONS",
     "CodecError",
     "History",
@@ -29,7 +34,10 @@ __all__ = [
     "StaleStateError",
     "Store",
     "StoreError",
+    "StoreInUseError",
+    "StoreReplacedError",
     "StoredEvent",
     "decode_state",
     "encode_state",
+    "lock_path",
 ]

@@ -21,12 +21,44 @@ one stored. `poll_changes` lets the daemon pick up states written by others.
 
 Use one `Store` from one thread at a time (it locks, so several threads are merely serialised);
 the daemon calls it through `asyncio.to_thread`.
+
+One daemon per store
+--------------------
+Two daemons on one file would both scan every host and both write it. The daemon opens the
+store with `exclusive=True`, which takes `flock(LOCK_EX | LOCK_NB)` on a sidecar file
+(`state.sqlite.lock`) before touching the database and holds it for the Store's life; a second
+daemon gets `StoreInUseError` naming the file and the holder's pid, which the holder writes
+into the lock file. The kernel drops the lock when the holder's descriptor closes, kill -9
+included, so a crash never leaves a stale lock to clean up. SQLite's own locks cannot do this:
+they last one transaction, and a daemon holds none between scans. The CLI opens without the
+lock and works beside the daemon, as described above. The lock file is never deleted: removing
+it while a third process is opening it would let two holders lock two different files.
+The descriptor is close-on-exec, but a process forked without exec would share the lock.
+
+The file under a running daemon
+-------------------------------
+An open SQLite connection keeps the inode it opened: if the file is deleted, or replaced by a
+rename (a restored backup, a careless `mv`), every later write "succeeds" into a file nobody
+will ever read, and the next start finds a different store. `open` records the file's
+(st_dev, st_ino); `check_identity` compares it with what the path names now, one stat(2),
+and every write transaction checks it at BEGIN and again before COMMIT, raising
+`StoreReplacedError` and rolling back, so nothing more goes to the orphaned file. The orphan's
+write-ahead log is a hazard of its own: it keeps its name (`state.sqlite-wal`), and SQLite
+replays a log onto whatever database it finds beside it, so whoever opens a replacement at the
+path reads the orphan's pages. On noticing, the Store checkpoints the orphan and truncates
+that log to nothing (`_empty_orphan_log`); until someone notices, the hazard stands, which is
+why the daemon should call `check_identity` on a schedule and not only when it writes.
+`created` tells whether `open` found no schema (a missing or empty file), so the daemon can
+tell a store it starts afresh from one it resumes. A file overwritten in place (same inode,
+e.g. `cp backup state.sqlite`) is not detected this way; that corrupts any SQLite database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,6 +84,7 @@ from .schema import MIGRATIONS, Migration
 
 DEFAULT_RETENTION_SECONDS = 400 * 86400.0
 DEFAULT_BUSY_TIMEOUT_SECONDS = 10.0
+LOCK_SUFFIX = ".lock"
 
 
 class StoreError(Exception):
@@ -60,6 +93,28 @@ class StoreError(Exception):
 
 class SchemaTooNewError(StoreError):
     """The database was written by a newer version (more migrations than this one knows)."""
+
+
+class StoreInUseError(StoreError, OSError):
+    """Another process holds the exclusive lock: another daemon runs on this store.
+
+    An OSError too, so that code handling "cannot open the store" catches it. `pid` is the
+    holder's process id when its lock file says so, else None.
+    """
+
+    def __init__(self, message: str, *, path: Path, lock_path: Path, pid: int | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.lock_path = lock_path
+        self.pid = pid
+
+
+class StoreReplacedError(StoreError):
+    """The file at the store's path is no longer the file this Store opened.
+
+    It was deleted, renamed away or replaced while open; the write was refused and rolled back
+    so that nothing goes to the orphaned file. The message is for the operator.
+    """
 
 
 class StaleStateError(StoreError):
@@ -123,47 +178,146 @@ class PruneResult:
 
 
 class Store:
-    """The on-disk state of the exporter. Create with `Store.open(path)`."""
+    """The on-disk state of the exporter. Create with `Store.open(path)`.
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    `created` is True when `open` found no schema and created it (a new store), `exclusive`
+    whether this Store holds the one-daemon lock.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        identity: tuple[int, int],
+        created: bool = False,
+        lock_fd: int | None = None,
+    ) -> None:
         self._conn = conn
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}  # host -> revision this instance last read or wrote
+        self._identity = identity  # (st_dev, st_ino) of the file the connection opened
+        self._orphan_log_emptied = False
+        self._lock_fd = lock_fd
         self.path = path
+        self.created = created
+
+    @property
+    def exclusive(self) -> bool:
+        return self._lock_fd is not None
 
     @classmethod
     def open(
         cls,
         path: Path,
         *,
+        exclusive: bool = False,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT_SECONDS,
         migrations: Sequence[Migration] = MIGRATIONS,
     ) -> Store:
         """Open (creating and migrating as needed) the database at `path`.
 
+        `exclusive=True` is for the daemon: it first locks `lock_path(path)` for the life of
+        the Store and raises StoreInUseError when another process holds it. The CLI opens
+        without it, beside a running daemon.
         `migrations` is the schema history to bring the file to; only tests pass another one.
         """
-        conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
+        lock_fd = _lock_exclusively(path) if exclusive else None
         try:
+            conn = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        try:
+            # The connection has opened (or created) the file: this is the inode it writes.
+            info = os.stat(path)
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{path}: cannot use WAL journaling (got {mode!r})")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            _migrate(conn, path, migrations)
+            found = _migrate(conn, path, migrations)
         except BaseException:
             conn.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
             raise
-        return cls(conn, path)
+        return cls(
+            conn,
+            path,
+            identity=(info.st_dev, info.st_ino),
+            created=found == 0,
+            lock_fd=lock_fd,
+        )
 
     def close(self) -> None:
         with self._lock:
+            if self._identity_problem() is not None:
+                self._empty_orphan_log()
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA optimize")
             self._conn.close()
+            # Released only after the connection closed, so that the next daemon finds the
+            # file checkpointed and no longer written.
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def check_identity(self) -> str | None:
+        """None while the path still names the file this Store opened, else why not.
+
+        One stat(2) while all is well; the daemon can call it on its own schedule to notice a
+        deleted or replaced store between writes, which check it anyway. The first time it
+        finds the file gone, it also empties this Store's write-ahead log (`_empty_orphan_log`).
+        """
+        problem = self._identity_problem()
+        if problem is not None and not self._orphan_log_emptied:
+            with self._lock:
+                self._empty_orphan_log()
+        return problem
+
+    def _empty_orphan_log(self) -> None:
+        """Checkpoint the orphaned file and truncate its write-ahead log to nothing.
+
+        The log keeps its name, `<path>-wal`, after the database file is deleted or renamed,
+        and SQLite replays a log onto whatever database it finds beside it: anyone opening a
+        replacement at the path would read the orphan's pages instead (and SQLite itself skips
+        the checkpoint on close once it sees the file moved, leaving the log behind). The
+        checkpoint writes only what was already committed, into the orphaned file.
+        """
+        if self._orphan_log_emptied:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._orphan_log_emptied = True
+
+    def _identity_problem(self) -> str | None:
+        dev, ino = self._identity
+        try:
+            info = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return (
+                f"{self.path}: the store file was deleted or moved away while in use"
+                f" (it was inode {ino} on device {dev}); refusing to write to the orphaned file"
+            )
+        except OSError as exc:
+            return f"{self.path}: cannot check the store file: {exc.strerror or exc}"
+        if (info.st_dev, info.st_ino) != (dev, ino):
+            return (
+                f"{self.path}: the store file was replaced while in use (it was inode {ino}"
+                f" on device {dev}, the path now names inode {info.st_ino} on device"
+                f" {info.st_dev}); refusing to write to the orphaned file"
+            )
+        return None
+
+    def _check_identity_or_raise(self) -> None:
+        problem = self._identity_problem()
+        if problem is not None:
+            raise StoreReplacedError(problem)
 
     def __enter__(self) -> Store:
         return self
@@ -181,10 +335,16 @@ class Store:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                # Checked at BEGIN, so that the caller learns before doing the work, and before
+                # COMMIT, so that a file replaced meanwhile gets nothing either.
+                self._check_identity_or_raise()
                 yield self._conn
-            except BaseException:
+                self._check_identity_or_raise()
+            except BaseException as exc:
                 if self._conn.in_transaction:  # SQLite may have rolled back already
                     self._conn.execute("ROLLBACK")
+                if isinstance(exc, StoreReplacedError):
+                    self._empty_orphan_log()
                 raise
             self._conn.execute("COMMIT")
 
@@ -383,6 +543,46 @@ class Store:
         )
 
 
+def lock_path(path: Path) -> Path:
+    """The sidecar file a daemon locks to own the store at `path`."""
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+def _lock_exclusively(path: Path) -> int:
+    """Lock `lock_path(path)` and write our pid in it; the descriptor holds the lock."""
+    sidecar = lock_path(path)
+    fd = os.open(sidecar, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            holder = "another process" if pid is None else f"process {pid}"
+            raise StoreInUseError(
+                f"{path}: the store is in use by another portscan-exporter daemon ({holder}"
+                f" holds {sidecar}); stop that daemon first, or give this one another"
+                " storage.path",
+                path=path,
+                lock_path=sidecar,
+                pid=pid,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    # The holder may not have written it yet (it writes right after locking): None then.
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _check_version(path: Path, version: int, migrations: Sequence[Migration]) -> None:
     if version > len(migrations):
         raise SchemaTooNewError(
@@ -391,15 +591,17 @@ def _check_version(path: Path, version: int, migrations: Sequence[Migration]) ->
         )
 
 
-def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migration]) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migration]) -> int:
+    """Bring the file to the newest version; returns the version it was found at."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     _check_version(path, version, migrations)
     if version == len(migrations):
-        return  # up to date: no write lock, so `history` opens even while the daemon writes
+        return version  # up to date: no write lock, so `history` opens while the daemon writes
     conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one migrates
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         _check_version(path, version, migrations)
+        found = version
         for number, migration in enumerate(migrations[version:], start=version + 1):
             for step in migration:
                 if isinstance(step, str):
@@ -412,6 +614,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Migratio
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    return found
 
 
 def _insert_events(conn: sqlite3.Connection, events: Iterable[Event], scan_id: int | None) -> None:
