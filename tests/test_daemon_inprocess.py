@@ -52,6 +52,9 @@ class FakeClock:
         self._moved = asyncio.Event()
         self.waits = 0  # how often the daemon went to sleep
         self._sleeping_on: asyncio.Event | None = None
+        # Bumped by each move of the time; `_seen` is the move the sleeper last looked at.
+        self._version = 0
+        self._seen = 0
 
     def now(self) -> float:
         return self._now
@@ -62,7 +65,10 @@ class FakeClock:
         self._sleeping_on = wake
         woken = asyncio.ensure_future(wake.wait())
         try:
-            while not wake.is_set() and self._now < deadline:
+            while True:
+                self._seen = self._version
+                if wake.is_set() or self._now >= deadline:
+                    break
                 moved = asyncio.ensure_future(self._moved.wait())
                 await asyncio.wait({woken, moved}, return_when=asyncio.FIRST_COMPLETED)
                 moved.cancel()
@@ -72,10 +78,16 @@ class FakeClock:
 
     @property
     def sleeping(self) -> bool:
-        return self._sleeping_on is not None and not self._sleeping_on.is_set()
+        """The daemon sleeps, and has looked at the time since it last moved."""
+        return (
+            self._sleeping_on is not None
+            and not self._sleeping_on.is_set()
+            and self._seen == self._version
+        )
 
     def advance(self, seconds: float) -> None:
         self._now += seconds
+        self._version += 1
         self._moved.set()
         self._moved = asyncio.Event()
 
@@ -444,7 +456,7 @@ async def test_http_answers_before_a_slow_start_up_and_ready_follows_it(tmp_path
             assert unhandled == [], "SIGHUP during start-up was not the daemon's"
 
             release.set()
-            for _ in range(200):
+            for _ in range(500):  # 10 s at most
                 async with session.get(f"{base}/-/ready") as ready:
                     if ready.status == 200:
                         break
