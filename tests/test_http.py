@@ -260,7 +260,7 @@ def registry() -> CollectorRegistry:
     return registry
 
 
-def exposition(control: LabControl, registry: CollectorRegistry) -> SnapshotExposition:
+def exposition(control: LabControl, registry: CollectorRegistry | None) -> SnapshotExposition:
     """/metrics as the daemon serves it, over the lab's snapshot."""
     return SnapshotExposition(lambda: control.snapshot, registry)
 
@@ -490,6 +490,18 @@ async def test_reload(control: LabControl, registry: CollectorRegistry) -> None:
     )
     assert get.status == 405 and "POST" in get.headers["Allow"]
     assert control.reloads == 3
+
+
+async def test_reload_endpoint_can_be_disabled(control: LabControl) -> None:
+    app = build_app(control, exposition(control, None), enable_lifecycle=False)
+    runner = await start_server(app, "127.0.0.1:0", None)
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        refused = await fetch(url + "/-/reload", "POST")
+    finally:
+        await runner.cleanup()
+    assert (refused.status, refused.text) == (403, "Lifecycle API is not enabled.\n")
+    assert control.reloads == 0
 
 
 # --- JSON API ----------------------------------------------------------------------------------

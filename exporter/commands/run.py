@@ -47,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="exporter-toolkit web configuration: TLS and basic auth",
     )
+    parser.add_argument(
+        "--web.enable-lifecycle",
+        dest="enable_lifecycle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve POST /-/reload (as blackbox_exporter does; SIGHUP reloads either way);"
+        " --no-web.enable-lifecycle refuses it with 403, as Prometheus does by default",
+    )
     add_logging_arguments(parser)
 
 
@@ -103,7 +111,13 @@ async def _serve(args: argparse.Namespace, config: Config, web_config: WebConfig
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=process)
     exposition = SnapshotExposition(lambda: daemon.snapshot, process)
-    app = build_app(daemon, exposition, telemetry_path=args.telemetry_path, web_config=web_config)
+    app = build_app(
+        daemon,
+        exposition,
+        telemetry_path=args.telemetry_path,
+        web_config=web_config,
+        enable_lifecycle=args.enable_lifecycle,
+    )
     return await serve(daemon, app, args.listen_address, web_config)
 
 

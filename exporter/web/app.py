@@ -234,6 +234,10 @@ class _Endpoints:
         return _json(host_to_json(dataclasses.replace(current, state=state), self.clock()))
 
 
+async def _lifecycle_disabled(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=403, text="Lifecycle API is not enabled.\n")
+
+
 def build_app(
     control: Control,
     exposition: Exposition,
@@ -241,8 +245,14 @@ def build_app(
     telemetry_path: str = "/metrics",
     web_config: WebConfig | None = None,
     clock: Callable[[], float] = time.time,
+    enable_lifecycle: bool = True,
 ) -> web.Application:
-    """The aiohttp application; `start_server` serves it. `clock` is wall-clock seconds."""
+    """The aiohttp application; `start_server` serves it. `clock` is wall-clock seconds.
+
+    `enable_lifecycle` False: POST /-/reload is refused (403), as Prometheus does without
+    --web.enable-lifecycle; SIGHUP still reloads. Where it is enabled and the port is
+    reachable by others, basic auth from the web config guards it like every endpoint.
+    """
     if not telemetry_path.startswith("/"):
         raise ValueError(f"the telemetry path must start with '/', not {telemetry_path!r}")
     guard = Guard(web_config)
@@ -255,8 +265,9 @@ def build_app(
         router.add_get("/", server.landing)
     router.add_get("/-/healthy", server.healthy)
     router.add_get("/-/ready", server.ready)
-    router.add_post("/-/reload", server.reload)
-    router.add_put("/-/reload", server.reload)
+    reload = server.reload if enable_lifecycle else _lifecycle_disabled
+    router.add_post("/-/reload", reload)
+    router.add_put("/-/reload", reload)
     router.add_get("/api/v1/hosts", server.hosts)
     router.add_get("/api/v1/hosts/{host}", server.host)
     router.add_get("/api/v1/history", server.history)
