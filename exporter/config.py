@@ -9,6 +9,17 @@ duplicate keys and wrong types are errors: a typo must never silently fall back 
 
 Targets are expanded here (CIDR blocks become hosts) and merged with `defaults`, so that the
 rest of the program sees one `HostSpec` per scanned host with everything resolved.
+
+Every number has a range (the `Field` tables below; config.example.yaml and the README list
+them): wide enough for any real deployment, narrow enough that a typo such as
+`retries: 1000000` or `interval: 1ms` is an error rather than a daemon that floods a network
+or never sleeps. A configuration expands to at most `MAX_HOSTS` hosts in all, so that a few
+lines of large CIDR blocks cannot exhaust memory.
+
+Paths: `fingerprint.nmap_service_probes` is checked whenever the file is read (it must be a
+readable file that looks like nmap's probe database; only its first `_PROBES_SNIFF_BYTES` are
+read). `storage.path` is checked only on request (`check_paths=True`: `check-config` and the
+daemon's start), because commands that merely read the store may run where it is read-only.
 """
 
 from __future__ import annotations
@@ -23,9 +34,13 @@ from pathlib import Path
 import yaml
 
 from exporter.configfile import (
+    MAX_ALIAS_EXPANSION,
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
     ConfigError,
     Field,
     Invalid,
+    Parser,
     Reader,
     Setting,
     boolean,
@@ -38,10 +53,14 @@ from exporter.configfile import (
     read_config_file,
     value,
 )
-from exporter.durations import parse_duration
-from exporter.portsets import PortSetError, parse_port_set, show
+from exporter.durations import UNITS, format_duration, parse_duration
+from exporter.portsets import PortSetBuilder, PortSetError, show
 
 __all__ = [
+    "MAX_ALIAS_EXPANSION",
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_HOSTS",
     "Config",
     "ConfigError",
     "FingerprintSettings",
@@ -124,33 +143,47 @@ def _vantage(node: yaml.Node, reader: Reader) -> str | None:
 
 
 def _port_set(node: yaml.Node, reader: Reader) -> tuple[int, ...]:
+    builder = PortSetBuilder()
     if isinstance(node, yaml.SequenceNode):
-        # Check element by element first so that the error points at the element's line.
+        # Element by element, so that an error points at the element's line.
         for index, child in enumerate(node.value):
             try:
-                parse_port_set([reader.plain(child)])
+                builder.add(reader.plain(child))
             except PortSetError as exc:
                 raise Invalid(str(exc), child, f"[{index}]") from None
-    try:
-        return parse_port_set(reader.plain(node))
-    except PortSetError as exc:
-        raise Invalid(str(exc)) from None
+    else:
+        try:
+            builder.add(reader.plain(node))
+        except PortSetError as exc:
+            raise Invalid(str(exc)) from None
+    return builder.ports()
+
+
+# A fixed jitter beyond the longest interval means nothing (the schedule uses at most half an
+# interval anyway).
+_MAX_JITTER = 365 * UNITS["d"]
 
 
 def _jitter(value: object) -> tuple[float | None, float | None]:
     """(fraction of the interval, None) for "10%", (None, seconds) for a duration."""
     if isinstance(value, str) and value.strip().endswith("%"):
         digits = value.strip().removesuffix("%").strip()
-        if re.fullmatch(r"\d+(\.\d+)?", digits) and float(digits) <= 100:
+        if re.fullmatch(r"\d{1,3}(\.\d+)?", digits) and float(digits) <= 100:
             return float(digits) / 100, None
         raise ValueError(f"{show(value)} is not a percentage between 0% and 100%")
     try:
-        return None, parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError:
         raise ValueError(
             f"{show(value)} is neither a percentage of the interval (e.g. 10%)"
             " nor a duration (e.g. 30s)"
         ) from None
+    if seconds > _MAX_JITTER:
+        raise ValueError(
+            f"must be between 0s and {format_duration(_MAX_JITTER)} (or 0% to 100%),"
+            f" got {show(value)}"
+        )
+    return None, seconds
 
 
 def _path_text(value: object) -> str:
@@ -159,16 +192,36 @@ def _path_text(value: object) -> str:
     return value
 
 
-def _file_path(node: yaml.Node, reader: Reader) -> Path:
+def _relative_hint(text: str) -> str:
+    if os.path.isabs(os.path.expanduser(text)):
+        return ""
+    return " (relative paths are resolved against the config file's directory)"
+
+
+# nmap's own file has its first Probe line about 2 KiB in; a file without one in its first
+# 64 KiB is something else (a typo'd path, /etc/shadow), whatever its name.
+_PROBES_SNIFF_BYTES = 64 * 1024
+_PROBE_LINE = re.compile(rb"^Probe (TCP|UDP) \S+ q", re.MULTILINE)
+
+
+def _probes_file(node: yaml.Node, reader: Reader) -> Path:
     text = value(_path_text)(node, reader)
     path = reader.resolve(text)
-    hint = ""
-    if not os.path.isabs(os.path.expanduser(text)):
-        hint = " (relative paths are resolved against the config file's directory)"
+    hint = _relative_hint(text)
     if not path.exists():
         raise Invalid(f"{show(text)} does not exist{hint}")
     if not path.is_file():
         raise Invalid(f"{show(text)} is not a file{hint}")
+    try:
+        with path.open("rb") as source:
+            head = source.read(_PROBES_SNIFF_BYTES)
+    except OSError as exc:
+        raise Invalid(f"{show(text)} cannot be read: {exc.strerror or exc}") from None
+    if not _PROBE_LINE.search(head):
+        raise Invalid(
+            f"{show(text)} is not an nmap-service-probes file (no 'Probe TCP' line in its"
+            f" first {_PROBES_SNIFF_BYTES // 1024} KiB){hint}"
+        )
     return path
 
 
@@ -178,40 +231,50 @@ def _storage_path(node: yaml.Node, reader: Reader) -> Path:
 
 # --- the schema ------------------------------------------------------------------------------
 
+_DAY = UNITS["d"]
+_MIB = 1024 * 1024
+# The most hosts one configuration may expand to (four /16 blocks): it costs about 150 MB and
+# two seconds to load; past it, a few lines of /12 blocks would take gigabytes.
+MAX_HOSTS = 262_144
+
+
+def _seconds(low: str, high: str) -> Parser:
+    return duration(minimum=parse_duration(low), maximum=parse_duration(high))
+
 
 # Keys of `defaults`; a target may override each of them.
 TARGET_FIELDS: Mapping[str, Field] = {
     "ports": Field(_port_set, "top1000", "port set to scan"),
     "exclude": Field(_port_set, "[]", "port set subtracted from ports"),
-    "interval": Field(duration(positive=True), "12h", "time between scans of a host"),
-    "timeout": Field(duration(positive=True), "1s", "ceiling of one connect attempt"),
-    "retries": Field(integer(0), "1", "extra attempts for an unanswered port"),
-    "concurrency": Field(integer(1), "256", "concurrent probes for one host"),
-    "rate": Field(number(0), "0", "probes per second for one host, 0 = unlimited"),
-    "confirmations": Field(integer(1), "2", "consecutive scans that confirm a change"),
-    "confirm_after": Field(duration(positive=False), "5m", "delay of a confirming re-scan"),
+    "interval": Field(_seconds("1s", "365d"), "12h", "time between scans of a host"),
+    "timeout": Field(_seconds("10ms", "5m"), "1s", "ceiling of one connect attempt"),
+    "retries": Field(integer(0, 10), "1", "extra attempts for an unanswered port"),
+    "concurrency": Field(integer(1, 65535), "256", "concurrent probes for one host"),
+    "rate": Field(number(0, 1_000_000), "0", "probes per second for one host, 0 = unlimited"),
+    "confirmations": Field(integer(1, 10), "2", "consecutive scans that confirm a change"),
+    "confirm_after": Field(_seconds("0s", "30d"), "5m", "delay of a confirming re-scan"),
     "expected_open": Field(
         optional(_port_set), "null", "ports that must be open (the baseline); null = learn"
     ),
 }
 SCAN_FIELDS: Mapping[str, Field] = {
-    "max_concurrent_hosts": Field(integer(1), "4", "hosts scanned at the same time"),
-    "max_probes": Field(integer(1), "4096", "global cap on probes in flight"),
+    "max_concurrent_hosts": Field(integer(1, 4096), "4", "hosts scanned at the same time"),
+    "max_probes": Field(integer(1, 1_048_576), "4096", "global cap on probes in flight"),
     "jitter": Field(value(_jitter), "10%", "spread of scan times: 10% of interval, or 30s"),
-    "max_cidr_hosts": Field(integer(1), "65536", "largest CIDR block accepted"),
+    "max_cidr_hosts": Field(integer(1, MAX_HOSTS), "65536", "largest CIDR block accepted"),
 }
 FINGERPRINT_FIELDS: Mapping[str, Field] = {
     "enabled": Field(boolean, "true", "identify the service on open ports"),
-    "timeout": Field(duration(positive=True), "5s", "total time per port"),
-    "max_bytes": Field(integer(1), "16384", "bytes read from a port at most"),
-    "concurrency": Field(integer(1), "32", "ports fingerprinted at the same time"),
+    "timeout": Field(_seconds("10ms", "10m"), "5s", "total time per port"),
+    "max_bytes": Field(integer(1, 16 * _MIB), "16384", "bytes read from a port at most"),
+    "concurrency": Field(integer(1, 4096), "32", "ports fingerprinted at the same time"),
     "nmap_service_probes": Field(
-        optional(_file_path), "null", "path to nmap-service-probes (optional)"
+        optional(_probes_file), "null", "path to nmap-service-probes (optional)"
     ),
 }
 STORAGE_FIELDS: Mapping[str, Field] = {
     "path": Field(_storage_path, "portscan.sqlite", "SQLite database, relative to the config"),
-    "retention": Field(duration(positive=True), "400d", "how long the timeline is kept"),
+    "retention": Field(_seconds("1h", "3650d"), "400d", "how long the timeline is kept"),
 }
 SECTIONS: Mapping[str, Mapping[str, Field]] = {
     "defaults": TARGET_FIELDS,
@@ -380,15 +443,57 @@ def _targets(
                 )
             seen[identity] = (key, host_node, str(written))
             specs.append(HostSpec(host=label, ports=ports, source=source, **values))
+        if len(specs) > MAX_HOSTS:
+            raise reader.error(
+                host_node,
+                host_key,
+                f"the targets up to here expand to {len(specs)} hosts, more than the"
+                f" {MAX_HOSTS} one configuration may hold",
+            )
     return tuple(specs)
+
+
+# --- paths checked on request ------------------------------------------------------------------
+
+
+def storage_path_problem(path: Path) -> str | None:
+    """Why the SQLite database cannot be opened or created at `path` (absolute), or None.
+
+    Cheap and without side effects (stat and access(2) only). SQLite writes its journal next
+    to the database, so the directory must be writable too; a missing directory must be
+    creatable, i.e. its nearest existing ancestor a writable directory.
+    """
+    if path.exists():
+        if path.is_dir():
+            return "is a directory (storage.path names the SQLite database file)"
+        if not path.is_file():
+            return "is not a regular file (storage.path names the SQLite database file)"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return "is not readable and writable by this user"
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return (
+                f"its directory {path.parent} is not writable"
+                " (SQLite writes its journal next to the database)"
+            )
+        return None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor} is not writable by this user"
+    return None
 
 
 # --- entry points ----------------------------------------------------------------------------
 
 
-def parse_config(text: str, path: str | Path) -> Config:
+def parse_config(text: str, path: str | Path, *, check_paths: bool = False) -> Config:
     """Validate configuration text as if read from `path` (which names it in messages and
-    anchors relative paths). Raises ConfigError."""
+    anchors relative paths). `check_paths` also checks that the store can be opened or
+    created where `storage.path` says. Raises ConfigError, and nothing else, whatever the
+    text holds."""
     reader = Reader.for_file(path)
     root = reader.compose(text)
     if root is None or is_null_node(root):
@@ -419,6 +524,12 @@ def parse_config(text: str, path: str | Path) -> Config:
     targets_node = top["targets"][1] if "targets" in top else None
     hosts = _targets(root, targets_node, defaults, scan["max_cidr_hosts"].value, reader)
 
+    if check_paths:
+        where = storage["path"]
+        problem = storage_path_problem(where.value)
+        if problem is not None:
+            raise reader.error(where.node, where.key, f"{where.value} {problem}")
+
     jitter_fraction, jitter_seconds = scan["jitter"].value
     vantage = reader.value(_vantage, top["vantage"][1], "vantage") if "vantage" in top else None
     return Config(
@@ -437,7 +548,7 @@ def parse_config(text: str, path: str | Path) -> Config:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a configuration file. Raises ConfigError."""
+def load_config(path: str | Path, *, check_paths: bool = False) -> Config:
+    """Read and validate a configuration file (see parse_config). Raises ConfigError."""
     shown, text = read_config_file(path)
-    return parse_config(text, shown)
+    return parse_config(text, shown, check_paths=check_paths)

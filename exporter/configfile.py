@@ -10,22 +10,48 @@ Theory of operation:
 1. `read_config_file` reads the text (UTF-8, with or without a byte-order mark) and
    `Reader.compose` turns it into PyYAML's node tree, never into Python objects. A syntax error
    names the line PyYAML stopped at.
-2. Nodes remember their line, so every error can point at it. A node's Python value is built
+2. Reading costs bounded time and memory whatever the file holds (see "Limits" below): the
+   file's size is checked before it is parsed, and the composer counts what it builds.
+3. Nodes remember their line, so every error can point at it. A node's Python value is built
    only when a parser asks for it (`Reader.plain`), by the safe constructor; tagged collections
    (`!!python/object/apply:...`) are refused, never built.
-3. A mapping is read by `mapping` (`Reader.entries` at the top of a section): merge keys (`<<`)
+4. A mapping is read by `mapping` (`Reader.entries` at the top of a section): merge keys (`<<`)
    are expanded first and keys written next to them win, as YAML says; then a key given twice
    and a key the schema does not know are errors, the latter with the nearest valid key as a
    hint. A null where a mapping is expected is an empty mapping, so `tls_server_config:` with
    nothing under it is the same as leaving it out.
-4. A section's schema is data: a table of `Field`s, each a parser and a default written as YAML
+5. A section's schema is data: a table of `Field`s, each a parser and a default written as YAML
    text, exactly as an operator would write it in the file. `Reader.section` takes each field
    from the file, else from an inherited section, else from its default, and keeps where each
    value came from (`Setting`) for the checks that span several fields.
-5. Parsers raise `Invalid` with a message only (plus, for an element inside the value, its
+6. Parsers raise `Invalid` with a message only (plus, for an element inside the value, its
    node and key suffix such as `[2]`); the reader adds the file, the line and the key path and
    raises the file's own `ConfigError` subclass. A parser may also answer `UNSET`: the key then
    counts as not given, for formats where a null or blank value means "use the default".
+
+Limits. A configuration is a few KiB: a /16 CIDR block or a port range is one line. Anything
+far beyond that is a mistake or an attack, and must cost an error, not the process:
+
+- `MAX_FILE_BYTES` (1 MiB): a larger file is refused before parsing; at most one byte more than
+  the limit is ever read. PyYAML reads about 0.3 MiB/s of dense YAML, so the worst file that
+  passes (a flow list of 130,000 port ranges) costs about 3 s and 110 MB; 1 MiB still holds
+  tens of thousands of targets written one per line.
+- `MAX_DEPTH` (50 levels of nested lists and mappings): PyYAML's composer recurses once per
+  level, so a file of 500 `[` would otherwise end in a RecursionError. The loader counts the
+  depth as it composes and stops at the node that goes too deep.
+- `MAX_ALIAS_EXPANSION` (1,000,000): an alias (`*name`) shares its anchor's node instead of
+  copying it, so composing stays linear, but whatever walks the tree afterwards sees every
+  repetition: nine levels of nine aliases each (a few hundred bytes) stand for 387 million
+  values. While composing, each alias adds the size of what it stands for (its nodes plus the
+  characters of its scalars) to a running total; the alias that takes the total past the limit
+  is refused with its line. An alias to a collection that contains the alias itself
+  (`&a [*a]`) is refused too: it would stand for an infinite value.
+- Every value quoted in a message is cut to `SHOWN_CHARACTERS` (see `exporter.portsets.show`),
+  so an error about a huge value stays one short line.
+
+Whatever the input, the reader raises the file's `ConfigError` and nothing else: values the
+constructor cannot build (an integer of 5,000 digits, a 13th month) are `Invalid` like any
+other bad value.
 """
 
 from __future__ import annotations
@@ -34,6 +60,7 @@ import difflib
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +69,16 @@ from typing import Any, Final, TypeVar
 import yaml
 from yaml.constructor import SafeConstructor
 
-from exporter.durations import parse_duration
+from exporter.durations import format_duration, parse_duration
+from exporter.portsets import clip, show
+
+# See "Limits" in the module docstring.
+MAX_FILE_BYTES: Final = 1024 * 1024
+MAX_DEPTH: Final = 50
+MAX_ALIAS_EXPANSION: Final = 1_000_000
+# The longest message a ConfigError carries; longer ones are cut (quoted values are cut much
+# shorter; this only catches text from elsewhere, such as a YAML tag in a PyYAML message).
+_MAX_MESSAGE: Final = 1000
 
 
 class ConfigError(Exception):
@@ -51,7 +87,7 @@ class ConfigError(Exception):
     def __init__(
         self, message: str, *, path: str, line: int | None = None, key: str | None = None
     ) -> None:
-        self.message = message
+        self.message = clip(message, _MAX_MESSAGE)
         self.path = path
         self.line = line
         self.key = key
@@ -100,15 +136,17 @@ def is_null_node(node: yaml.Node) -> bool:
 
 
 def describe(value: object) -> str:
-    """What a value is, for "expected X, got Y" messages: `string 'x'`, `integer 5`, `a list`."""
+    """What a value is, for "expected X, got Y" messages: `string 'x'`, `integer 5`, `a list`.
+
+    The value itself is cut short (`show`): a message never carries a whole huge value."""
     if isinstance(value, bool):
         return f"boolean {'true' if value else 'false'}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {show(value)}"
     if isinstance(value, int):
-        return f"integer {value}"
+        return f"integer {show(value)}"
     if isinstance(value, float):
-        return f"number {value}"
+        return f"number {show(value)}"
     if value is None:
         return "null"
     if isinstance(value, list):
@@ -124,6 +162,11 @@ def unknown_key_message(name: str, allowed: Collection[str]) -> str:
     if close:
         return f"unknown key (did you mean '{close[0]}'?)"
     return f"unknown key (valid keys: {', '.join(sorted(allowed))})"
+
+
+def key_suffix(name: str) -> str:
+    """`.name` for a key path, the name cut short: a key path is shown in every message."""
+    return "." + clip(name)
 
 
 def _join(key: str, suffix: str) -> str | None:
@@ -148,6 +191,76 @@ class Setting:
     value: Any
     node: yaml.Node | None  # None: not given in the file (the default, or inherited unset)
     key: str  # key path where it was set
+
+
+class _LimitExceeded(yaml.YAMLError):
+    """Raised by `_BoundedLoader` when the document goes past one of the limits."""
+
+    def __init__(self, message: str, mark: Any) -> None:  # a yaml Mark (two classes), or None
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader with its composer bounded in depth and in alias expansion.
+
+    `_expanded` is the size of the document as if every alias were written out, counted as the
+    events arrive: a new node adds itself (1, plus its characters for a scalar), an alias adds
+    the size its anchor had when the anchor's node was complete. `_aliased` is the part that
+    aliases added: what the file stands for beyond what is written in it. It only grows, so
+    the alias that takes it past the limit is the one reported.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded = 0
+        self._aliased = 0
+        self._sizes: dict[int, int] = {}  # id(anchored node) -> its expanded size
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise _LimitExceeded(
+                    f"alias *{clip(str(event.anchor))} refers to a collection that contains it"
+                    " (a recursive alias stands for an infinite value)",
+                    event.start_mark,
+                )
+            self._expanded += size
+            self._aliased += size
+            if self._aliased > MAX_ALIAS_EXPANSION:
+                raise _LimitExceeded(
+                    f"alias *{clip(str(event.anchor))}: the aliases of this file stand for more"
+                    f" than {MAX_ALIAS_EXPANSION:,} values and characters (aliases nested in"
+                    " aliases multiply: write the values out instead)",
+                    event.start_mark,
+                )
+            return node
+        collection = isinstance(event, yaml.CollectionStartEvent)
+        if collection:
+            if self._depth >= MAX_DEPTH:
+                raise _LimitExceeded(
+                    f"lists and mappings nested more than {MAX_DEPTH} levels deep",
+                    event.start_mark,
+                )
+            self._depth += 1
+        before = self._expanded
+        self._expanded += 1
+        if isinstance(event, yaml.ScalarEvent):
+            self._expanded += len(event.value)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            if collection:
+                self._depth -= 1
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._sizes[id(node)] = self._expanded - before
+        return node
 
 
 @functools.cache
@@ -186,9 +299,25 @@ class Reader:
     def compose(self, text: str, *, with_context: bool = True) -> yaml.Node | None:
         """The node tree of `text`; None for an empty document. `with_context` adds what the
         parser was in the middle of to a syntax error (`while parsing a flow sequence, line 3`).
+        The limits of the module docstring apply (text given directly is held to the same size
+        as a file).
         """
+        if len(text) > MAX_FILE_BYTES:
+            raise self.error_type(_TOO_LARGE, path=self.path)
+        loader: _BoundedLoader | None = None
         try:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
+            loader = _BoundedLoader(text)
+            return loader.get_single_node()
+        except _LimitExceeded as exc:
+            line = None if exc.mark is None else exc.mark.line + 1
+            raise self.error_type(exc.message, path=self.path, line=line) from None
+        except RecursionError:
+            # MAX_DEPTH keeps the composer far from the interpreter's limit; this only
+            # answers a caller that was already deep in its own stack.
+            line = None
+            if loader is not None and loader.check_event():
+                line = loader.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
+            raise self.error_type("nested too deeply to read", path=self.path, line=line) from None
         except yaml.YAMLError as exc:
             line, message = None, str(exc)
             if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
@@ -200,11 +329,15 @@ class Reader:
                 line = text.count("\n", 0, exc.position) + 1
                 message = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
             raise self.error_type(f"invalid YAML: {message}", path=self.path, line=line) from None
+        finally:
+            if loader is not None:
+                loader.dispose()
 
     def plain(self, node: yaml.Node, depth: int = 0) -> object:
         """The Python value of a node, for the value parsers. Raises Invalid."""
-        if depth > 50:
-            raise Invalid("nested too deeply (recursive alias?)", node)
+        if depth > MAX_DEPTH:
+            # Only trees composed elsewhere get here: `compose` refuses them first.
+            raise Invalid(f"nested more than {MAX_DEPTH} levels deep", node)
         if isinstance(node, yaml.ScalarNode):
             # YAML 1.1 reads 1:30 as the base-60 integer 90 and 1:2:3:4:5:6:7:8 as an integer
             # too; in a configuration such a value is a typo or an IPv6 address, never a number.
@@ -214,9 +347,19 @@ class Reader:
                 return self.constructor.construct_object(node)
             except yaml.constructor.ConstructorError as exc:
                 raise Invalid(exc.problem or "cannot read this value", node) from exc
+            except (ValueError, OverflowError) as exc:
+                # The value matched the pattern of its type but cannot be built: an integer
+                # past Python's conversion limit (4,300 digits), a timestamp with month 13.
+                if node.tag == _INT_TAG:
+                    raise Invalid(
+                        f"integer too long to read (more than {sys.get_int_max_str_digits()}"
+                        " digits)",
+                        node,
+                    ) from None
+                raise Invalid(f"cannot read this value: {clip(str(exc))}", node) from None
         if node.tag not in (_SEQ_TAG, _MAP_TAG):
             # Tagged collections (!!python/object/apply:...) are never built, only refused.
-            raise Invalid(f"unsupported YAML tag {node.tag!r}", node)
+            raise Invalid(f"unsupported YAML tag {show(node.tag)}", node)
         if isinstance(node, yaml.SequenceNode):
             return [self.plain(child, depth + 1) for child in node.value]
         if isinstance(node, yaml.MappingNode):
@@ -235,7 +378,7 @@ class Reader:
         try:
             return describe(self.plain(node))
         except Invalid:
-            return f"a value tagged {node.tag!r}"
+            return f"a value tagged {show(node.tag)}"
 
     def value(self, parse: Callable[[yaml.Node, Reader], _T], node: yaml.Node, key: str) -> _T:
         """`parse(node)`, with its Invalid turned into this file's error at `key`."""
@@ -279,12 +422,16 @@ class Reader:
 # --- mappings ----------------------------------------------------------------------------------
 
 
-def _merged_pairs(
-    node: yaml.MappingNode, seen: frozenset[int] = frozenset()
-) -> list[tuple[yaml.Node, yaml.Node]]:
-    """The (key, value) pairs contributed by `<<` merge keys; later pairs win."""
-    if id(node) in seen:
-        raise Invalid("<< merges a mapping into itself", node)
+def _merged_pairs(node: yaml.MappingNode, depth: int = 0) -> list[tuple[yaml.Node, yaml.Node]]:
+    """The (key, value) pairs contributed by `<<` merge keys; later pairs win.
+
+    A chain of merges (`b: &b {<<: *a}`, `c: &c {<<: *b}`, ...) is nested in depth without
+    being nested in the text, so the depth is bounded here; cycles cannot occur, since
+    `compose` refuses recursive aliases. The pairs are at most the expanded size of the
+    document, which `compose` bounds.
+    """
+    if depth > MAX_DEPTH:
+        raise Invalid(f"<< merges nested more than {MAX_DEPTH} levels deep", node)
     pairs: list[tuple[yaml.Node, yaml.Node]] = []
     for key, value in node.value:
         if key.tag != _MERGE_TAG:
@@ -294,7 +441,7 @@ def _merged_pairs(
         for source in reversed(sources):
             if not isinstance(source, yaml.MappingNode):
                 raise Invalid("<< must merge a mapping or a list of mappings", source)
-            pairs.extend(_merged_pairs(source, seen | {id(node)}))
+            pairs.extend(_merged_pairs(source, depth + 1))
             pairs.extend((k, v) for k, v in source.value if k.tag != _MERGE_TAG)
     return pairs
 
@@ -336,13 +483,15 @@ def mapping(
             raise Invalid(f"keys must be strings, got {reader.kind(key_node)}", key_node)
         if name in own:
             first = line_of(found[name][0])
-            raise Invalid(f"duplicate key (first given on line {first})", key_node, f".{name}")
+            raise Invalid(
+                f"duplicate key (first given on line {first})", key_node, key_suffix(name)
+            )
         own.add(name)
         found[name] = (key_node, value_node)
     if allowed is not None:
         for name, (key_node, _) in found.items():
             if name not in allowed:
-                raise Invalid(unknown_key_message(name, allowed), key_node, f".{name}")
+                raise Invalid(unknown_key_message(name, allowed), key_node, key_suffix(name))
     return found
 
 
@@ -381,38 +530,69 @@ def optional(parser: Parser) -> Parser:
     return parse
 
 
-def integer(minimum: int) -> Parser:
+def _range_message(low: str, high: str | None, got: str) -> str:
+    if high is None:
+        return f"must be at least {low}, got {got}"
+    return f"must be between {low} and {high}, got {got}"
+
+
+def _show_number(value: float) -> str:
+    """A bound as an operator would write it: 1000000, 0.5."""
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return f"{value:g}"
+
+
+def integer(minimum: int, maximum: int | None = None) -> Parser:
+    """An integer in [minimum, maximum] (no upper bound when maximum is None)."""
+
     def check(value: object) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"expected an integer, got {describe(value)}")
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            high = None if maximum is None else str(maximum)
+            raise ValueError(_range_message(str(minimum), high, show(value)))
         return value
 
     return value(check)
 
 
-def number(minimum: float) -> Parser:
+def number(minimum: float, maximum: float | None = None) -> Parser:
+    """A finite number in [minimum, maximum], as a float."""
+
     def check(value: object) -> float:
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ValueError(f"expected a number, got {describe(value)}")
-        if not math.isfinite(value):
+        # Compared before any conversion: float() of a 400-digit integer overflows.
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value}")
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum:g}, got {value:g}")
+        if value < minimum or (maximum is not None and value > maximum):
+            high = None if maximum is None else _show_number(maximum)
+            raise ValueError(_range_message(_show_number(minimum), high, show(value)))
         return float(value)
 
     return value(check)
 
 
-def duration(*, positive: bool) -> Parser:
-    """Seconds, written as `30s`, `5m`, `1h30m` or a plain number (see exporter.durations)."""
+def duration(
+    *, positive: bool = False, minimum: float | None = None, maximum: float | None = None
+) -> Parser:
+    """Seconds, written as `30s`, `5m`, `1h30m` or a plain number (see exporter.durations).
+
+    `positive` refuses 0; `minimum` and `maximum` bound the value, and the message states the
+    range in the same units (`must be between 1s and 365d, got '1ms'`).
+    """
 
     def check(written: object) -> float:
         seconds = parse_duration(written)
+        low = 0.0 if minimum is None else minimum
+        if (minimum is not None and seconds < minimum) or (
+            maximum is not None and seconds > maximum
+        ):
+            high = None if maximum is None else format_duration(maximum)
+            raise ValueError(_range_message(format_duration(low), high, show(written)))
         if positive and seconds <= 0:
-            shown = repr(written) if isinstance(written, str) else str(written)
-            raise ValueError(f"must be longer than 0s, got {shown}")
+            raise ValueError(f"must be longer than 0s, got {show(written)}")
         return seconds
 
     return value(check)
@@ -460,14 +640,29 @@ def string_list(check: Callable[[str], object] | None = None) -> Parser:
 # --- files -------------------------------------------------------------------------------------
 
 
+_TOO_LARGE: Final = (
+    f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB, the most a configuration file may hold"
+    " (a CIDR block or a port range is one line: real configurations are a few KiB)"
+)
+
+
 def read_config_file(path: str | Path, error: type[ConfigError] = ConfigError) -> tuple[str, str]:
-    """(path as shown in messages, text) of a YAML file; `error` says why it cannot be read."""
+    """(path as shown in messages, text) of a YAML file; `error` says why it cannot be read.
+
+    At most MAX_FILE_BYTES + 1 bytes are read: a larger file is refused before any parsing.
+    """
     shown = os.fspath(path)
     try:
-        with open(shown, encoding="utf-8-sig") as source:
-            return shown, source.read()
+        with open(shown, "rb") as source:
+            data = source.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise error(f"cannot read: {exc.strerror or exc}", path=shown) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise error(_TOO_LARGE, path=shown)
+    try:
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = exc.object.count(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
         raise error("not valid UTF-8", path=shown, line=line) from None
+    # As text mode would: one line ending, so that positions count lines the same way.
+    return shown, text.replace("\r\n", "\n").replace("\r", "\n")

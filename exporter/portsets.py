@@ -4,6 +4,16 @@ A port set is written as `top100`, `top1000`, `all` (1-65535), a port `N`, a ran
 comma-separated string of those (`"22,80,8000-8100"`) or a YAML list mixing them
 (`[top100, 8000-8100, 9200]`). Every set resolves to a sorted tuple without duplicates.
 
+Resolving costs time in proportion to what was written, never to what it stands for: each
+element becomes intervals of ports (`all` is one interval, not 65,535 ports), an element
+written twice is resolved once, and the intervals are merged and expanded once at the end. A
+list of half a million `1-65535` (a few MiB of YAML) resolves in about a second, not in an
+hour.
+
+Error messages quote the value that is wrong, cut short by `show`: an error about a huge value
+(or about a list that YAML aliases made huge) stays one short line and is built in bounded
+time.
+
 The top-N lists rank ports by how often they are found open on the internet: the open-frequency
 column of nmap's `nmap-services`, which `nmap --top-ports` ranks by. The ranked list ships as
 `data/top-ports-tcp.txt`; `python -m exporter.portsets PATH/nmap-services` regenerates it.
@@ -12,9 +22,10 @@ column of nmap's `nmap-services`, which `nmap --top-ports` ranks by. The ranked 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 
 MIN_PORT = 1
@@ -25,21 +36,59 @@ _HINT = "use top100, top1000, all, N, N-M or a list"
 _DATA_FILE = "top-ports-tcp.txt"
 _SHIPPED_TOP = 1000
 _RANGE = re.compile(r"(\d+)\s*-\s*(\d+)", re.ASCII)
+# How much of a value an error message quotes.
+SHOWN_CHARACTERS = 80
 
 
 class PortSetError(ValueError):
     """A port set that cannot be resolved; the message is meant for the operator."""
 
 
-def show(value: object) -> str:
-    """Render a config value the way the operator wrote it in YAML, for error messages."""
+def clip(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """`text`, cut to `limit` characters with "..." when it is longer."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def show(value: object, limit: int = SHOWN_CHARACTERS) -> str:
+    """Render a config value the way the operator wrote it in YAML, for error messages.
+
+    At most about `limit` characters: longer strings end in `...'`, and a long list or
+    mapping is rendered only as far as the limit (never in full, then cut: a list expanded
+    from YAML aliases may hold millions of elements).
+    """
     if isinstance(value, str):
-        return repr(value)
+        if len(value) <= limit:
+            return repr(value)
+        quoted = repr(value[:limit])
+        return quoted[:-1] + "..." + quoted[-1]
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
-    return str(value)
+    if isinstance(value, list | tuple | dict):
+        return _show_collection(value, limit)
+    try:
+        return clip(str(value), limit)
+    except ValueError:  # an integer past Python's conversion limit (4,300 digits)
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
+def _show_collection(
+    value: list[object] | tuple[object, ...] | dict[object, object], limit: int
+) -> str:
+    items: Iterator[str]
+    if isinstance(value, dict):
+        items = (f"{show(k, limit)}: {show(v, limit)}" for k, v in value.items())
+        opening, closing = "{", "}"
+    else:
+        items = (show(item, limit) for item in value)
+        opening, closing = "[", "]"
+    text = opening
+    for index, item in enumerate(items):
+        text += (", " if index else "") + item
+        if len(text) > limit:
+            return text[:limit] + "..." + closing
+    return text + closing
 
 
 @functools.cache
@@ -72,41 +121,91 @@ def _named(name: str) -> frozenset[int]:
 
 def _check_port(port: int) -> int:
     if not MIN_PORT <= port <= MAX_PORT:
-        raise PortSetError(f"port {port} is out of range {MIN_PORT}-{MAX_PORT}")
+        raise PortSetError(f"port {show(port)} is out of range {MIN_PORT}-{MAX_PORT}")
     return port
 
 
-def _word(text: str) -> Iterable[int]:
+Interval = tuple[int, int]  # first and last port, inclusive
+
+
+def _word(text: str) -> list[Interval]:
     """One comma-free element of a string port set."""
     word = text.strip()
     lowered = word.lower()
+    if lowered == "all":
+        return [(MIN_PORT, MAX_PORT)]
     if lowered in NAMED_SETS:
-        return _named(lowered)
+        return [(port, port) for port in _named(lowered)]
     if word.isdecimal() and word.isascii():
-        return (_check_port(int(word)),)
+        port = _port(word)
+        return [(port, port)]
     match = _RANGE.fullmatch(word)
     if match:
-        low, high = _check_port(int(match[1])), _check_port(int(match[2]))
+        low, high = _port(match[1]), _port(match[2])
         if low > high:
             raise PortSetError(f"range {low}-{high} is reversed")
-        return range(low, high + 1)
+        return [(low, high)]
     raise PortSetError(f"{show(text)} is not a port set ({_HINT})")
 
 
-def _element(spec: object) -> Iterable[int]:
-    # bool is an int subclass; `ports: true` is a mistake, not port 1.
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return (_check_port(spec),)
-    if isinstance(spec, str):
-        if "," not in spec:
-            return _word(spec)
-        ports: set[int] = set()
-        for part in spec.split(","):
-            if not part.strip():
-                raise PortSetError(f"{show(spec)} has an empty element between commas")
-            ports.update(_word(part))
-        return ports
-    raise PortSetError(f"{show(spec)} is not a port set ({_HINT})")
+def _port(digits: str) -> int:
+    """The port written as ASCII `digits`, checked."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(MAX_PORT)):
+        # Out of range whatever it is; int() of a long digit string is slow, so not built.
+        raise PortSetError(f"port {clip(significant)} is out of range {MIN_PORT}-{MAX_PORT}")
+    return _check_port(int(significant))
+
+
+class PortSetBuilder:
+    """Collects the elements of a port set, then gives its ports.
+
+    `add` checks one element (a port, a string, never a list) and raises PortSetError for it
+    alone, so that a caller can say which element is wrong. Elements are kept as intervals and
+    an element already added is skipped, so adding costs what the element's text costs.
+    """
+
+    def __init__(self) -> None:
+        self._intervals: list[Interval] = []
+        self._seen: set[object] = set()
+
+    def add(self, spec: object) -> None:
+        # bool is an int subclass; `ports: true` is a mistake, not port 1.
+        if isinstance(spec, bool) or not isinstance(spec, int | str):
+            if isinstance(spec, list | tuple):
+                raise PortSetError(f"{show(spec)} is a list inside a port list")
+            raise PortSetError(f"{show(spec)} is not a port set ({_HINT})")
+        key = (type(spec), spec)
+        if key in self._seen:
+            return
+        if isinstance(spec, int):
+            self._intervals.append((_check_port(spec), spec))
+        elif "," not in spec:
+            self._intervals.extend(self._cached_word(spec))
+        else:
+            for part in spec.split(","):
+                if not part.strip():
+                    raise PortSetError(f"{show(spec)} has an empty element between commas")
+                self._intervals.extend(self._cached_word(part))
+        self._seen.add(key)
+
+    def _cached_word(self, text: str) -> list[Interval]:
+        key = (str, text.strip().lower())
+        if key in self._seen:
+            return []
+        intervals = _word(text)
+        self._seen.add(key)
+        return intervals
+
+    def ports(self) -> tuple[int, ...]:
+        """The sorted distinct ports of everything added."""
+        merged: list[list[int]] = []
+        for low, high in sorted(self._intervals):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        return tuple(itertools.chain.from_iterable(range(lo, hi + 1) for lo, hi in merged))
 
 
 def parse_port_set(spec: object) -> tuple[int, ...]:
@@ -114,14 +213,13 @@ def parse_port_set(spec: object) -> tuple[int, ...]:
 
     An empty list is the empty set. Raises PortSetError.
     """
+    builder = PortSetBuilder()
     if isinstance(spec, list | tuple):
-        ports: set[int] = set()
         for item in spec:
-            if isinstance(item, list | tuple):
-                raise PortSetError(f"{show(list(item))} is a list inside a port list")
-            ports.update(_element(item))
-        return tuple(sorted(ports))
-    return tuple(sorted(set(_element(spec))))
+            builder.add(item)
+    else:
+        builder.add(spec)
+    return builder.ports()
 
 
 def resolve_ports(spec: object, exclude: object = None) -> tuple[int, ...]:

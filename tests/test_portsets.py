@@ -214,3 +214,37 @@ def test_regenerate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert out.splitlines()[-2:] == ["80", "22"]
     assert main([]) == 2
+
+
+# --- bounded cost and bounded messages -------------------------------------------------------
+
+
+def test_resolving_costs_what_was_written_not_what_it_stands_for() -> None:
+    import time
+
+    started = time.perf_counter()
+    assert parse_port_set(["1-65535"] * 200_000 + ["all"] * 200_000) == tuple(range(1, 65536))
+    distinct = [f"{low}-{low + 1000}" for low in range(1, 64000, 3)]
+    assert parse_port_set(distinct) == tuple(range(1, 63997 + 1001))
+    assert time.perf_counter() - started < 3
+
+
+def test_ports_with_many_digits_are_refused_without_building_them() -> None:
+    from exporter.portsets import PortSetError
+
+    with pytest.raises(PortSetError, match=r"^port 9{80}\.\.\. is out of range 1-65535$"):
+        parse_port_set("9" * 100_000)
+    with pytest.raises(PortSetError, match=r"^port 65536 is out of range"):
+        parse_port_set("1-065536")
+    assert parse_port_set("000022") == (22,)
+
+
+def test_show_cuts_long_values_without_rendering_them_whole() -> None:
+    from exporter.portsets import show
+
+    assert show("x" * 1000) == "'" + "x" * 80 + "...'"
+    huge = [[1] * 1000] * 1_000_000  # a million elements: rendered only as far as needed
+    text = show(huge)
+    assert len(text) < 100 and text.endswith("...]")
+    assert show({"a": 1}) == "{'a': 1}"
+    assert show([True, None, "a"]) == "[true, null, 'a']"

@@ -1,4 +1,9 @@
-"""`portscan-exporter check-config FILE`: validate without starting anything."""
+"""`portscan-exporter check-config FILE`: validate without starting anything.
+
+Besides what every load checks, this checks that the store can be opened or created where
+`storage.path` says (a directory, /dev/null or an unwritable location is refused here rather
+than when the daemon starts).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def check(path: str) -> int:
     from exporter.config import ConfigError, load_config
 
     try:
-        config = load_config(path)
+        config = load_config(path, check_paths=True)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
