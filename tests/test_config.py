@@ -9,6 +9,8 @@ import itertools
 import os
 import random
 import re
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -1014,3 +1016,20 @@ def test_nmap_service_probes_must_look_like_the_probe_database(tmp_path: Path) -
             f"fingerprint:\n  nmap_service_probes: {nmap}\ntargets: [127.0.0.1]\n", config
         )
         assert loaded.fingerprint.nmap_service_probes == nmap
+
+
+def test_the_daemon_refuses_an_unusable_store_path_at_start(tmp_path: Path) -> None:
+    """One line naming the file, line and key, instead of a traceback from SQLite."""
+    config = tmp_path / "config.yaml"
+    config.write_text("storage:\n  path: /dev/null\ntargets: [192.0.2.1]\n")
+    started = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config", str(config), "--web.listen-address", ":0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 1
+    assert started.stderr == (
+        f"portscan-exporter: {config}:2: storage.path: /dev/null is not a regular file"
+        " (storage.path names the SQLite database file)\n"
+    )

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, args.log_format)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, check_paths=True)  # an unusable store fails here
     except ConfigError as exc:
         print(f"portscan-exporter: {exc}", file=sys.stderr)
         return 1
