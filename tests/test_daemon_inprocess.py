@@ -27,7 +27,7 @@ import pytest
 from exporter.commands.run import serve
 from exporter.config import Config, HostSpec, load_config
 from exporter.daemon.pipeline import ScanFn
-from exporter.daemon.runner import POLL_STORE_SECONDS, Daemon
+from exporter.daemon.runner import POLL_STORE_SECONDS, Daemon, StoreLostError
 from exporter.daemon.schedule import FIRST_SCAN_SPREAD_SECONDS
 from exporter.daemon.snapshot import HostView
 from exporter.model import HostScan, ScanResult
@@ -561,3 +561,29 @@ async def test_a_store_file_deleted_under_the_daemon_is_reported(tmp_path: Path)
         store = run.daemon.snapshot.store
         assert not store.last_write_ok
         assert store.last_error is not None and "deleted or moved away" in store.last_error
+
+
+async def test_a_lost_store_is_not_silently_relearned(tmp_path: Path) -> None:
+    host = HOSTS[0]
+    async with running_daemon(tmp_path, [host]) as run:
+        run.scan.open_ports[host] = (22,)
+        await run.advance(FIRST_SCAN_SPREAD_SECONDS)
+        assert run.view(host).state.baseline == {22: None}
+    for leftover in run.state_path.parent.glob(run.state_path.name + "*"):
+        if not leftover.name.endswith(".lock"):
+            leftover.unlink()  # the database is gone; the daemon's lock file stays
+
+    config = load_config(run.config_path)
+    refused = Daemon(config, build_scan=build_with(run.scan), clock=FakeClock())
+    with pytest.raises(StoreLostError, match="the store is gone or empty, but a daemon ran"):
+        await refused.startup()
+    assert not run.state_path.exists(), "the refused start created a store"
+
+    relearning = Daemon(config, build_scan=build_with(run.scan), clock=FakeClock(), relearn=True)
+    await relearning.startup()
+    try:
+        assert relearning.snapshot.ready
+        view = relearning.snapshot.host(host)
+        assert view is not None and view.state.baseline_source is None  # learned anew
+    finally:
+        await relearning.shutdown()

@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exporter-toolkit web configuration: TLS and basic auth",
     )
     parser.add_argument(
+        "--storage.relearn",
+        dest="relearn",
+        action="store_true",
+        help="start even though the store a daemon used before is gone or empty, learning new"
+        " baselines from the next scans (without it the daemon refuses to start)",
+    )
+    parser.add_argument(
         "--web.enable-lifecycle",
         dest="enable_lifecycle",
         action=argparse.BooleanOptionalAction,
@@ -106,7 +113,7 @@ async def _serve(args: argparse.Namespace, config: Config, web_config: WebConfig
     from exporter.web.app import build_app
     from exporter.web.metrics import SnapshotExposition
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, relearn=args.relearn)
     process = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=process)

@@ -36,7 +36,7 @@ from exporter.daemon.schedule import DueTimes, Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
 from exporter.model import HostScan
 from exporter.state import HostState, Transition, ports_that_matter, reconfigure, step
-from exporter.store import History, StaleStateError, Store
+from exporter.store import History, StaleStateError, Store, lost_store
 
 log = structlog.get_logger("portscan_exporter")
 
@@ -50,6 +50,10 @@ STALE_STATE_ATTEMPTS = 3
 # locked database must not make the daemon spin.
 RETRY_SECONDS = 10.0
 RETRY_MAX_SECONDS = 600.0
+
+
+class StoreLostError(OSError):
+    """The store a daemon used before is gone: starting would silently relearn baselines."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -66,10 +70,13 @@ class Daemon:
         build_scan: BuildScan = build_scan_pipeline,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        relearn: bool = False,
     ) -> None:
         self._config = config
         self._specs = {spec.host: spec for spec in config.hosts}
         self._build_scan = build_scan
+        # The operator's word that a lost store may start empty (--storage.relearn).
+        self._relearn = relearn
         self._scan_fn: ScanFn | None = None  # built at start-up
         self._clock = clock or SystemClock()
         self._planner = Planner(config.scan, rng or random.Random())
@@ -137,6 +144,11 @@ class Daemon:
         store or a large signature file."""
         config = self._config
         config.storage.path.parent.mkdir(parents=True, exist_ok=True)
+        lost = await asyncio.to_thread(lost_store, config.storage.path)
+        if lost is not None and not self._relearn:
+            raise StoreLostError(lost)
+        if lost is not None:
+            log.warning("store lost, learning new baselines (--storage.relearn)", error=lost)
         # Exclusive: a second daemon on the same store is refused (StoreInUseError, an
         # OSError naming the holder); the CLI's history and accept open it beside us.
         self._store = await asyncio.to_thread(

@@ -17,6 +17,7 @@ from .database import (
     StoreInUseError,
     StoreReplacedError,
     lock_path,
+    lost_store,
 )
 from .schema import MIGRATIONS
 
@@ -40,4 +41,5 @@ __all__ = [
     "decode_state",
     "encode_state",
     "lock_path",
+    "lost_store",
 ]

@@ -548,6 +548,31 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + LOCK_SUFFIX)
 
 
+def lost_store(path: Path) -> str | None:
+    """Why the store at `path` looks lost, or None: a daemon ran on it (its lock file, which
+    is never deleted, names a process) but the database is gone or empty. Starting on it
+    would silently learn fresh baselines, and with them whatever opened meanwhile."""
+    sidecar = lock_path(path)
+    try:
+        locked_before = sidecar.stat().st_size > 0
+    except OSError:
+        return None
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        empty = True
+    except OSError:
+        return None
+    if not (locked_before and empty):
+        return None
+    return (
+        f"{path}: the store is gone or empty, but a daemon ran on it before ({sidecar} exists):"
+        " its baselines, pending confirmations and history are lost. Restore it from a backup,"
+        " or start with --storage.relearn to learn new baselines from the next scans (a port"
+        " opened meanwhile would then be learned as expected)"
+    )
+
+
 def _lock_exclusively(path: Path) -> int:
     """Lock `lock_path(path)` and write our pid in it; the descriptor holds the lock."""
     sidecar = lock_path(path)
