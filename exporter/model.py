@@ -186,6 +186,9 @@ class HostScan:
 
     scan: ScanResult
     services: dict[int, ServiceIdentity] = field(default_factory=dict)
+    # Time spent identifying the open ports after the TCP scan (scan.duration_seconds is
+    # the TCP scan alone): logged beside it, never stored.
+    identify_seconds: float = 0.0
 
     @property
     def host(self) -> str:

@@ -366,7 +366,7 @@ async def test_landing_page_shows_every_host(
     assert '<span class="addr">192.0.2.10</span>' in db
     assert '<span class="badge Changed">Changed</span>' in db
     assert "Last scan <span" in db and ">3m ago</span>" in db
-    assert ">in 12m</span>" in db and "took 2.0s, 1024 ports, success" in db
+    assert ">in 12m</span>" in db and "TCP scan took 2.0s, 1024 ports, success" in db
     assert "<td>22/tcp</td><td>open</td><td>yes</td>" in db
     assert '<td>8080/tcp</td><td>open</td><td><span class="muted">no</span></td>' in db
     assert "<td>ssh</td><td>OpenSSH</td><td>9.2p1</td>" in db
@@ -376,7 +376,7 @@ async def test_landing_page_shows_every_host(
     web = by_host["web.example.test"]
     assert '<span class="badge Pending">Pending</span>' in web
     assert "PORT_NOW_CLOSED (1 of 2 scans)" in web and "seen: closed" in web
-    assert "took 250ms" in web and ">1m ago</span>" in web
+    assert "TCP scan took 250ms" in web and ">1m ago</span>" in web
     assert "TLSv1.3 cert CN=web.example.test, expires" in web
 
     assert '<span class="badge Stable">Stable</span>' in by_host["mail.example.test"]

@@ -15,6 +15,7 @@ pool.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -52,11 +53,12 @@ class ScanPipeline:
         )
         result = await scan_host(spec.host, spec.ports, options, budget=self.budget)
         services: dict[int, ServiceIdentity] = {}
+        started = time.monotonic()
         if self.fingerprinter is not None:
             services = await self.fingerprinter.identify_scanned(
                 result, limiter=self.identify_limit
             )
-        return HostScan(scan=result, services=services)
+        return HostScan(scan=result, services=services, identify_seconds=time.monotonic() - started)
 
 
 def build_scan_pipeline(config: Config, running: ScanFn | None) -> ScanPipeline:

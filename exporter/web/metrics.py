@@ -105,7 +105,11 @@ HOST_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("portscan_scan_success", "gauge", "Whether the last scan completed and the host answered."),
     ("portscan_last_scan_timestamp_seconds", "gauge", "End of the last completed scan."),
-    ("portscan_last_scan_duration_seconds", "gauge", "Duration of the last scan."),
+    (
+        "portscan_last_scan_duration_seconds",
+        "gauge",
+        "Duration of the last TCP scan (identifying the open ports afterwards not included).",
+    ),
     ("portscan_next_scan_timestamp_seconds", "gauge", "When the next scan is due."),
     ("portscan_ports_scanned", "gauge", "Ports probed in the last scan."),
     ("portscan_open_ports", "gauge", "Confirmed open ports."),

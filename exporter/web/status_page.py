@@ -192,7 +192,8 @@ def _host_section(view: HostView, now: float) -> str:
     facts = [f"Last scan {_last_scan_text(view, now)}"]
     if last is not None:
         facts.append(
-            f"took {_e(short_duration(last.duration_seconds))}, {last.ports_scanned} ports,"
+            f"TCP scan took {_e(short_duration(last.duration_seconds))},"
+            f" {last.ports_scanned} ports,"
             f" {_e(last.outcome.value)}"
         )
     facts.append(f"next scan {_next_scan_text(view, now)}")
@@ -237,7 +238,7 @@ def _overview(hosts: Iterable[HostView], now: float) -> str:
     return (
         "<table><thead><tr><th>Host</th><th>Address</th><th>Status</th><th>Open ports</th>"
         "<th>Changes in force</th><th>Pending</th><th>Last scan</th><th>Next scan</th>"
-        "<th>Duration</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        "<th>TCP scan time</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )
 
 
