@@ -24,6 +24,7 @@ from exporter.config import Config, HostSpec
 from exporter.fingerprint import Fingerprinter, FingerprintOptions
 from exporter.model import HostScan, ServiceIdentity
 from exporter.scanner import ProbeBudget, ScanOptions, raise_fd_limit, scan_host
+from exporter.scanner.limits import HTTP_CONNECTIONS, HTTP_REFUSALS, RESERVED_DESCRIPTORS
 
 log = structlog.get_logger("portscan_exporter")
 
@@ -81,7 +82,12 @@ def build_scan_pipeline(config: Config, running: ScanFn | None) -> ScanPipeline:
 
 
 def _probe_limit(config: Config) -> int:
-    allowed = raise_fd_limit(config.scan.max_probes)
+    # Probes get what the open-file limit leaves once the HTTP server's connection cap, the
+    # identification connections and the descriptors for SQLite, logs and signature files
+    # are set aside (see exporter.scanner.limits): probes + the rest <= RLIMIT_NOFILE.
+    identifying = config.fingerprint.concurrency if config.fingerprint.enabled else 0
+    reserved = RESERVED_DESCRIPTORS + HTTP_CONNECTIONS + HTTP_REFUSALS + identifying
+    allowed = raise_fd_limit(config.scan.max_probes, reserved=reserved)
     if allowed < config.scan.max_probes:
         log.warning(
             "open-file limit too low for scan.max_probes, lowering it",

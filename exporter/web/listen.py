@@ -17,6 +17,12 @@ import structlog
 from aiohttp import web
 
 from exporter.web.config_source import WebConfigSource
+from exporter.web.connections import (
+    HEADER_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    MAX_CONNECTIONS,
+    BoundedAppRunner,
+)
 from exporter.web.guard import GUARD
 from exporter.web.webconfig import TLSServerConfig, WebConfig, WebConfigError
 
@@ -148,9 +154,19 @@ def _show_address(address: Any) -> str:
 
 
 async def start_server(
-    app: web.Application, listen_address: str, web_config: WebConfig | None
+    app: web.Application,
+    listen_address: str,
+    web_config: WebConfig | None,
+    *,
+    header_timeout: float = HEADER_TIMEOUT_SECONDS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> web.AppRunner:
     """Serve `app` on `listen_address`, over TLS when `web_config` sets it up.
+
+    A connection must deliver its first request's headers within `header_timeout` seconds
+    and is closed after `idle_timeout` seconds without a request; past `max_connections`
+    open connections, new ones are answered 503 and closed (see exporter.web.connections).
 
     `:port` and `[::]:port` listen on IPv6 and IPv4 alike. Raises ListenError (an OSError)
     with a message for the operator when the address is bad, taken or not ours, or the TLS
@@ -171,8 +187,14 @@ async def start_server(
             ssl_context = _serving_context(source)
         except WebConfigError as exc:
             raise ListenError(None, f"cannot serve TLS on {listen_address}: {exc}") from None
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS
+    runner = BoundedAppRunner(
+        app,
+        header_timeout=header_timeout,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
     )
     await runner.setup()
     try:
@@ -191,5 +213,7 @@ async def start_server(
         addresses=[_show_address(a) for a in runner.addresses],
         tls=ssl_context is not None,
         basic_auth=bool(web_config and web_config.auth_enabled),
+        max_connections=max_connections,
+        header_timeout_seconds=header_timeout,
     )
     return runner
