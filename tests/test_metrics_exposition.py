@@ -10,16 +10,26 @@ served, whatever Accept asks for; compression is aiohttp's, negotiated from Acce
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import shutil
 import subprocess
+import threading
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
@@ -27,7 +37,7 @@ from exporter.daemon.snapshot import HostView, ReloadStatus, Snapshot
 from exporter.model import HostScan, ScanResult
 from exporter.state import HostState, step
 from exporter.store import Store
-from exporter.web.metrics import CONTENT_TYPE
+from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition, negotiate, render_host
 from tests.test_http import (
     CONFIG_YAML,
     NGINX,
@@ -388,3 +398,153 @@ async def test_a_large_fleet_is_served_compressed(control: LabControl) -> None:
     opened = [key for key, v in series.items() if key[0] == "portscan_port_open" and v == 1]
     assert len(opened) == 4000
     assert value(series, "portscan_open_ports", host="host-00999.fleet.example.test") == 4
+
+
+class CountingRenderer:
+    """render_host, counting the hosts it renders; `gate` holds every render until set."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+        self._lock = threading.Lock()
+
+    def __call__(self, view: HostView, vantage: str | None) -> tuple[str, ...]:
+        with self._lock:
+            self.hosts.append(view.host)
+        self.started.set()
+        self.gate.wait(timeout=10)
+        return render_host(view, vantage)
+
+
+def rescanning(snapshot: Snapshot, index: int) -> Snapshot:
+    """The next snapshot the daemon would publish: host `index` has a scan under way."""
+    hosts = list(snapshot.hosts)
+    hosts[index] = dataclasses.replace(hosts[index], scanning=True)
+    return dataclasses.replace(snapshot, hosts=tuple(hosts))
+
+
+def test_concurrent_scrapes_of_one_snapshot_share_one_render() -> None:
+    fleet = fleet_snapshot(40, 2)
+    current = [fleet]
+    renderer = CountingRenderer()
+    exposition = SnapshotExposition(lambda: current[0], render_host=renderer)
+    scrapers = 16
+    # The first render is held until every scraper has called in.
+    renderer.gate.clear()
+    arrived = threading.Barrier(scrapers + 1)
+
+    def scrape() -> bytes:
+        arrived.wait(timeout=10)
+        return exposition()[0]
+
+    with ThreadPoolExecutor(scrapers) as pool:
+        futures = [pool.submit(scrape) for _ in range(scrapers)]
+        arrived.wait(timeout=10)
+        assert renderer.started.wait(timeout=10)
+        time.sleep(0.05)  # the other scrapers reach the lock meanwhile
+        renderer.gate.set()
+        bodies = [future.result(timeout=10) for future in futures]
+    assert sorted(renderer.hosts) == sorted(view.host for view in fleet.hosts)
+    assert all(body is bodies[0] for body in bodies)
+    assert exposition()[0] is bodies[0]  # and so does any later scrape of that snapshot
+
+    # A new snapshot is rendered anew, re-rendering only the host whose view changed.
+    current[0] = rescanning(fleet, 7)
+    renderer.hosts.clear()
+    fresh = exposition()[0]
+    assert renderer.hosts == [fleet.hosts[7].host]
+    assert fresh is not bodies[0]
+    _, before = parse(bodies[0].decode())
+    _, after = parse(fresh.decode())
+    assert value(before, "portscan_scan_in_progress", host=fleet.hosts[7].host) == 0
+    assert value(after, "portscan_scan_in_progress", host=fleet.hosts[7].host) == 1
+    assert exposition()[0] is fresh
+
+
+def test_a_scrape_waiting_for_a_render_never_gets_an_older_snapshot() -> None:
+    fleet = fleet_snapshot(10, 1)
+    current = [fleet]
+    renderer = CountingRenderer()
+    exposition = SnapshotExposition(lambda: current[0], render_host=renderer)
+    renderer.gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(exposition)  # reads `fleet` and renders it, held at the gate
+        assert renderer.started.wait(timeout=10)
+        current[0] = rescanning(fleet, 3)  # published while that render is under way
+        second = pool.submit(exposition)  # reads the new snapshot and waits for the lock
+        time.sleep(0.05)
+        renderer.gate.set()
+        old, new = first.result(timeout=10)[0], second.result(timeout=10)[0]
+    host = fleet.hosts[3].host
+    assert value(parse(old.decode())[1], "portscan_scan_in_progress", host=host) == 0
+    assert value(parse(new.decode())[1], "portscan_scan_in_progress", host=host) == 1
+
+
+def test_the_process_part_is_appended_to_the_shared_body_on_each_scrape() -> None:
+    fleet = fleet_snapshot(3, 1)
+    registry = constant_registry()
+    exposition = SnapshotExposition(lambda: fleet, registry)
+    shared = exposition.portscan_body()
+    body, content_type = exposition()
+    assert content_type == CONTENT_TYPE
+    assert body == shared + generate_latest(registry)
+    assert exposition.portscan_body() is shared
+
+
+def common_prefix(a: bytes, b: bytes) -> int:
+    shortest = min(len(a), len(b))
+    return next((i for i in range(shortest) if a[i] != b[i]), shortest)
+
+
+def test_each_snapshot_is_compressed_once_and_each_scrape_is_one_stream() -> None:
+    fleet = fleet_snapshot(200, 2)
+    current = [fleet]
+    registry = process_registry()  # changes between scrapes: CPU seconds, gc counts
+    exposition = SnapshotExposition(lambda: current[0], registry)
+    for coding, decompress in (("gzip", gzip.decompress), ("deflate", zlib.decompress)):
+        first, second = exposition.encoded(coding), exposition.encoded(coding)
+        # Both carry the compressed snapshot as it was made once; only the tails differ.
+        assert common_prefix(first, second) > len(first) * 0.9
+        for body in (first, second):
+            text = decompress(body)
+            assert text.startswith(exposition.portscan_body())
+            types, _ = parse(text.decode())
+            assert types["process_cpu_seconds"] == "counter"
+        assert len(first) < len(exposition.portscan_body()) / 4
+    assert negotiate("GZIP, br") == "gzip"
+    assert negotiate("gzip, deflate") == "deflate"  # aiohttp's order
+    assert negotiate("br;q=1, identity;q=0.5") is None
+    assert negotiate("") is None
+    assert exposition.encoded(None).startswith(exposition.portscan_body())
+
+    current[0] = rescanning(fleet, 0)
+    host = fleet.hosts[0].host
+    _, series = parse(gzip.decompress(exposition.encoded("gzip")).decode())
+    assert value(series, "portscan_scan_in_progress", host=host) == 1
+
+
+async def test_a_crowd_of_scrapes_shares_one_batch_read_after_each_arrived() -> None:
+    fleet = fleet_snapshot(40, 2)
+    current = [fleet]
+    renderer = CountingRenderer()
+    exposition = SnapshotExposition(lambda: current[0], constant_registry(), render_host=renderer)
+    renderer.gate.clear()  # the first batch is held while the others arrive
+    first = asyncio.ensure_future(exposition.scrape("gzip"))
+    assert await asyncio.to_thread(renderer.started.wait, 10)
+    current[0] = rescanning(fleet, 5)  # published after the first request, before the crowd
+    crowd = [asyncio.ensure_future(exposition.scrape(coding)) for coding in ["gzip"] * 20]
+    crowd.append(asyncio.ensure_future(exposition.scrape(None)))
+    await asyncio.sleep(0.05)
+    renderer.gate.set()
+    old = gzip.decompress(await first)
+    bodies = [await request for request in crowd]
+    # Two batches in all: every host for the first, then only the one that changed.
+    assert renderer.hosts == [*(view.host for view in fleet.hosts), fleet.hosts[5].host]
+    assert all(body is bodies[0] for body in bodies[:20])
+    host = fleet.hosts[5].host
+    assert value(parse(old.decode())[1], "portscan_scan_in_progress", host=host) == 0
+    new = gzip.decompress(bodies[0])
+    assert new == bodies[20]
+    assert value(parse(new.decode())[1], "portscan_scan_in_progress", host=host) == 1

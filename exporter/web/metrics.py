@@ -9,8 +9,32 @@ A thousand hosts make some 40,000 samples. prometheus_client formats them one by
 every scrape (~0.3 s, several times that while scans compete for the interpreter), so the
 text of each host is rendered here instead and kept until that host's view changes: the
 daemon reuses a host's `HostView` object while nothing about the host changed, so a scrape
-formats only the hosts scanned since the last one. The process_*/python_* collectors are
-appended from a prometheus_client registry.
+formats only the hosts scanned since the last one.
+
+Joining those texts is still a few milliseconds per MB of exposition, and a busy scrape
+target is scraped far more often than its snapshot changes (several Prometheus replicas,
+federation, people with curl). So the portscan_* part of the body is rendered once per
+Snapshot object: the last snapshot rendered and its bytes are kept, and every scrape that
+reads that same snapshot gets that same bytes object. One render runs at a time; a scrape
+that finds a render under way waits for it, then takes the newest snapshot, which is the one
+just rendered or a newer one, never an older one than it read. N concurrent scrapes thus cost
+one render, and scrapers cannot take more than one thread's share of the interpreter for
+rendering, whatever their number.
+
+A busy daemon publishes a snapshot after every scan start and end, hundreds a second, so
+scrapes in a crowd rarely read the same one. The HTTP handler therefore goes through
+`scrape()`, which batches them: one batch is encoded at a time, in one thread, and the
+requests that arrive meanwhile all take the next batch's body, read after they arrived.
+
+The process_*/python_* collectors are appended from a prometheus_client registry on every
+scrape: they describe the process now (CPU seconds, memory, open descriptors), and they cost
+about 0.2 ms, little beside the rest.
+
+Compression is the costly part of a scrape: some 25 ms to gzip a thousand hosts' 4 MB at
+zlib's default level, against 5 ms to render them anew when one host changed. So it is done
+once per snapshot too: the portscan_* part is compressed up to a sync flush, and the
+compressor's state is kept with the result; each scrape copies that state (about 30 µs) and
+feeds it the process part, which makes one well-formed gzip or zlib stream of the whole body.
 
 One format: the Prometheus text format 0.0.4, whatever the scraper's `Accept` lists first.
 Prometheus asks for OpenMetrics first by default and parses whichever format the
@@ -20,13 +44,16 @@ here: every series but two counters is a gauge, there are no exemplars, `# UNIT`
 info type change no query, and the counters' `_created` samples would be stored as extra
 series by a Prometheus that does not run with created-timestamp ingestion. A second renderer
 (and a second per-host cache) is not worth that, so the body does not depend on `Accept`.
-Compression is the HTTP layer's (aiohttp, see app.py).
+The coding is picked from Accept-Encoding as aiohttp picks it for other responses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -36,6 +63,9 @@ from exporter.model import decode_fingerprint
 from exporter.state import RETURN_TO_BASELINE, EventKind, port_statuses
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Content codings in the order aiohttp tries them against Accept-Encoding, with the zlib
+# window bits of each (gzip: a gzip header and trailer; deflate: a zlib stream, as aiohttp).
+CODINGS = {"deflate": zlib.MAX_WBITS, "gzip": 16 + zlib.MAX_WBITS}
 
 PENDING_CHANGES = (
     EventKind.PORT_NEW_OPEN.value,
@@ -225,28 +255,154 @@ def _counter(name: str, doc: str, samples: Iterable[tuple[str, float]]) -> str:
     return _header(f"{name}_total", "counter", doc) + body
 
 
+def negotiate(accept_encoding: str) -> str | None:
+    """The coding of the response to a request with this Accept-Encoding; None: identity.
+
+    The same choice as aiohttp's `enable_compression()`: the first of deflate, gzip and
+    identity named anywhere in the header, case aside."""
+    accept = accept_encoding.lower()
+    for coding in (*CODINGS, "identity"):
+        if coding in accept:
+            return coding if coding in CODINGS else None
+    return None
+
+
+@dataclass(eq=False)
+class _Rendered:
+    """The portscan_* body of one snapshot, and its compressed forms once asked for."""
+
+    snapshot: Snapshot
+    body: bytes
+    # coding -> (body compressed up to a sync flush, the compressor that produced it). The
+    # compressor is only ever copied, never fed again, so it serves concurrent scrapes.
+    compressed: dict[str, tuple[bytes, zlib._Compress]] = field(default_factory=dict)
+
+
 class SnapshotExposition:
-    """Renders /metrics. Call it from any thread; each call reads one snapshot."""
+    """Renders /metrics. Call it from any thread; each call reads one snapshot.
+
+    `render_host` is the per-host renderer (the module's own unless replaced, e.g. by a
+    wrapper that counts calls).
+    """
 
     def __init__(
-        self, snapshot: Callable[[], Snapshot], process: CollectorRegistry | None = None
+        self,
+        snapshot: Callable[[], Snapshot],
+        process: CollectorRegistry | None = None,
+        *,
+        render_host: Callable[[HostView, str | None], tuple[str, ...]] = render_host,
     ) -> None:
         self._snapshot = snapshot
         self._process = process  # process_*/python_* collectors, rendered by prometheus_client
+        self._render_host = render_host
         self._cache: dict[str, tuple[HostView, str | None, tuple[str, ...]]] = {}
+        # Held for the whole of a render, so one runs at a time and waiters reuse its result.
         self._lock = threading.Lock()
+        # The last snapshot rendered and its body; replaced as a whole, so a reader without
+        # the lock sees a body that matches its snapshot.
+        self._last: _Rendered | None = None
+        # Requests waiting for the next batch, by coding, and the task that encodes batches
+        # (see scrape()); used from the serving loop only.
+        self._waiting: dict[str | None, asyncio.Future[bytes]] = {}
+        self._encoder: asyncio.Task[None] | None = None
 
     def __call__(self) -> tuple[bytes, str]:
         """(body, content type) of one scrape."""
+        body = self._rendered().body
+        if self._process is not None:
+            body += generate_latest(self._process)
+        return body, CONTENT_TYPE
+
+    def portscan_body(self) -> bytes:
+        """The portscan_* part of the body, for the current snapshot or a newer one.
+
+        The same bytes object for every call that reads the same snapshot."""
+        return self._rendered().body
+
+    def encoded(self, coding: str | None) -> bytes:
+        """The whole body of one scrape, compressed with `coding` (a key of CODINGS; None:
+        not compressed)."""
+        return self._encode_all((coding,))[coding]
+
+    async def scrape(self, coding: str | None) -> bytes:
+        """`encoded(coding)` for a request being served on the running loop, shared with the
+        requests that arrive meanwhile.
+
+        One batch is encoded at a time, in a thread: requests that arrive while one is under
+        way join the next, which starts when it ends, so every request gets a body read after
+        it arrived, and a crowd of scrapers costs one render per batch and one thread of the
+        loop's default executor (where the store's writes run too), however large it is."""
+        future = self._waiting.get(coding)
+        if future is None:
+            future = self._waiting[coding] = asyncio.get_running_loop().create_future()
+        if self._encoder is None or self._encoder.done():
+            self._encoder = asyncio.create_task(self._encode_batches())
+        # Shielded: a request that goes away must not cancel the others' body.
+        return await asyncio.shield(future)
+
+    async def _encode_batches(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, {}
+            try:
+                bodies = await asyncio.to_thread(self._encode_all, tuple(batch))
+            except Exception as exc:  # each request answers 500, as with any handler error
+                for future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for coding, future in batch.items():
+                if not future.done():
+                    future.set_result(bodies[coding])
+
+    def _encode_all(self, codings: Iterable[str | None]) -> dict[str | None, bytes]:
+        rendered = self._rendered()
+        process = self._process_part()
+        bodies: dict[str | None, bytes] = {}
+        for coding in codings:
+            if coding is None:
+                bodies[coding] = rendered.body + process if process else rendered.body
+                continue
+            compressed = rendered.compressed.get(coding)
+            if compressed is None:
+                with self._lock:  # one compression at a time, and once per snapshot
+                    compressed = rendered.compressed.get(coding)
+                    if compressed is None:
+                        compressor = zlib.compressobj(wbits=CODINGS[coding])
+                        head = compressor.compress(rendered.body)
+                        head += compressor.flush(zlib.Z_SYNC_FLUSH)
+                        compressed = rendered.compressed[coding] = (head, compressor)
+            head, compressor = compressed
+            tail = compressor.copy()
+            bodies[coding] = head + tail.compress(process) + tail.flush()
+        return bodies
+
+    def _process_part(self) -> bytes:
+        return b"" if self._process is None else generate_latest(self._process)
+
+    def _rendered(self) -> _Rendered:
         snap = self._snapshot()
+        last = self._last
+        if last is not None and last.snapshot is snap:
+            return last
         with self._lock:
-            cache = {}
-            for view in snap.hosts:
-                cached = self._cache.get(view.host)
-                if cached is None or cached[0] is not view or cached[1] != snap.vantage:
-                    cached = (view, snap.vantage, render_host(view, snap.vantage))
-                cache[view.host] = cached
-            self._cache = cache
+            # Whoever held the lock may have rendered this snapshot or a newer one. Snapshots
+            # only move forward, so the current one is never older than `snap`.
+            snap = self._snapshot()
+            last = self._last
+            if last is not None and last.snapshot is snap:
+                return last
+            last = self._last = _Rendered(snap, self._render(snap))
+            return last
+
+    def _render(self, snap: Snapshot) -> bytes:
+        # Under self._lock.
+        cache = {}
+        for view in snap.hosts:
+            cached = self._cache.get(view.host)
+            if cached is None or cached[0] is not view or cached[1] != snap.vantage:
+                cached = (view, snap.vantage, self._render_host(view, snap.vantage))
+            cache[view.host] = cached
+        self._cache = cache
         rendered = [parts for _, _, parts in cache.values()]
         where = vantage_labels(snap.vantage)
         out = []
@@ -323,7 +479,4 @@ class SnapshotExposition:
                 f'version="{_escape(__version__)}"{where}',
             )
         )
-        body = "".join(out).encode()
-        if self._process is not None:
-            body += generate_latest(self._process)
-        return body, CONTENT_TYPE
+        return "".join(out).encode()
