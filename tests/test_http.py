@@ -236,20 +236,34 @@ class BrokenCollector(Collector):
         raise RuntimeError("secret internal detail")
 
 
+@contextlib.contextmanager
+def populated_lab(tmp_path: Path) -> Iterator[Lab]:
+    """The lab's hosts scanned into a real store in `tmp_path`; the other HTTP test modules
+    build their `control` fixture from it too."""
+    store = Store.open(tmp_path / "state.db")
+    try:
+        lab = Lab(store)
+        lab.populate()
+        yield lab
+    finally:
+        store.close()
+
+
+def lab_control(lab: Lab, tmp_path: Path) -> LabControl:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG_YAML)
+    return LabControl(lab, config)
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    store = Store.open(tmp_path / "state.db")
-    lab = Lab(store)
-    lab.populate()
-    yield lab
-    store.close()
+    with populated_lab(tmp_path) as lab:
+        yield lab
 
 
 @pytest.fixture
 def control(lab: Lab, tmp_path: Path) -> LabControl:
-    config = tmp_path / "config.yaml"
-    config.write_text(CONFIG_YAML)
-    return LabControl(lab, config)
+    return lab_control(lab, tmp_path)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from exporter.scanner.limits import (
     RESERVED_DESCRIPTORS,
     probes_that_fit,
 )
-from exporter.store import Store
 from exporter.web.app import build_app
 from exporter.web.connections import (
     HEADER_TIMEOUT_SECONDS,
@@ -37,7 +36,7 @@ from exporter.web.connections import (
     BoundedServer,
 )
 from exporter.web.listen import start_server
-from tests.test_http import CONFIG_YAML, Lab, LabControl, exposition, fetch
+from tests.test_http import LabControl, exposition, fetch, lab_control, populated_lab
 
 HEADER_TIMEOUT = 0.5
 SLOW_CLIENTS = 500
@@ -46,13 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[LabControl]:
-    store = Store.open(tmp_path / "state.db")
-    lab = Lab(store)
-    lab.populate()
-    config = tmp_path / "config.yaml"
-    config.write_text(CONFIG_YAML)
-    yield LabControl(lab, config)
-    store.close()
+    with populated_lab(tmp_path) as lab:
+        yield lab_control(lab, tmp_path)
 
 
 @contextlib.asynccontextmanager

@@ -36,20 +36,19 @@ from exporter import __version__
 from exporter.daemon.snapshot import HostView, ReloadStatus, Snapshot
 from exporter.model import HostScan, ScanResult
 from exporter.state import HostState, step
-from exporter.store import Store
 from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition, negotiate, render_host
 from tests.test_http import (
-    CONFIG_YAML,
     NGINX,
     NOW,
     PORTS,
     SPECS,
     SSH,
     Answer,
-    Lab,
     LabControl,
     fetch,
+    lab_control,
     make_spec,
+    populated_lab,
     serving,
 )
 
@@ -68,13 +67,8 @@ Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[LabControl]:
-    store = Store.open(tmp_path / "state.db")
-    lab = Lab(store)
-    lab.populate()
-    config = tmp_path / "config.yaml"
-    config.write_text(CONFIG_YAML)
-    yield LabControl(lab, config)
-    store.close()
+    with populated_lab(tmp_path) as lab:
+        yield lab_control(lab, tmp_path)
 
 
 def process_registry() -> CollectorRegistry:
