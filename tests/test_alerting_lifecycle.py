@@ -187,6 +187,14 @@ class Lab:
             lambda: self.sequence(alertname, port) == expected,
         )
 
+    def expect_exactly(
+        self, alertname: str, port: int | None, expected: list[tuple[str, str]]
+    ) -> None:
+        """These notifications arrive, and nothing more follows while things settle."""
+        self.wait_for_sequence(alertname, port, expected)
+        time.sleep(QUIET_SECONDS)
+        assert self.sequence(alertname, port) == expected, self.explain()
+
     def firing_in_prometheus(self, alertname: str) -> list[dict[str, Any]]:
         return [
             a
@@ -284,9 +292,7 @@ def test_kill9_outage_and_restarts_neither_resolve_nor_repage(tmp_path: Path) ->
         assert s.sequence(OPEN_ALERT, NEW) == [("firing", "")], s.explain()
 
         s.close(NEW)
-        s.wait_for_sequence(OPEN_ALERT, NEW, [("firing", ""), ("resolved", "")])
-        time.sleep(QUIET_SECONDS)
-        assert s.sequence(OPEN_ALERT, NEW) == [("firing", ""), ("resolved", "")], s.explain()
+        s.expect_exactly(OPEN_ALERT, NEW, [("firing", ""), ("resolved", "")])
         # A clean restart is over before the exporter-down alert's `for:`; if this machine
         # was slow enough for it to fire, it resolved too. Nothing else was ever sent.
         downs = s.sequence(DOWN_ALERT)
@@ -363,9 +369,7 @@ def test_a_pair_of_replicas_notifies_once_per_change(tmp_path: Path) -> None:
         assert s.sequence(OPEN_ALERT, NEW) == [("firing", "")], s.explain()
 
         s.close(NEW)
-        s.wait_for_sequence(OPEN_ALERT, NEW, [("firing", ""), ("resolved", "")])
-        time.sleep(QUIET_SECONDS)
-        assert s.sequence(OPEN_ALERT, NEW) == [("firing", ""), ("resolved", "")], s.explain()
+        s.expect_exactly(OPEN_ALERT, NEW, [("firing", ""), ("resolved", "")])
         assert second.proc is not None and second.proc.poll() is None
         print(s.webhook.describe())
 
