@@ -13,8 +13,9 @@ rest of the program sees one `HostSpec` per scanned host with everything resolve
 Every number has a range (the `Field` tables below; config.example.yaml and the README list
 them): wide enough for any real deployment, narrow enough that a typo such as
 `retries: 1000000` or `interval: 1ms` is an error rather than a daemon that floods a network
-or never sleeps. A configuration expands to at most `MAX_HOSTS` hosts in all, so that a few
-lines of large CIDR blocks cannot exhaust memory.
+or never sleeps. All targets together expand to at most `scan.max_hosts` hosts (itself at most
+`MAX_HOSTS`), so that a few lines of large CIDR blocks cannot exhaust memory or commit the
+daemon to rounds it cannot finish; a block is refused before it is expanded.
 
 Paths: `fingerprint.nmap_service_probes` is checked whenever the file is read (it must be a
 readable file that looks like nmap's probe database; only its first `_PROBES_SNIFF_BYTES` are
@@ -97,7 +98,7 @@ class ScanSettings:
     # Exactly one of the two is set: jitter as a fraction of the interval, or fixed seconds.
     jitter_fraction: float | None
     jitter_seconds: float | None
-    max_cidr_hosts: int
+    max_hosts: int
 
 
 @dataclass(frozen=True)
@@ -258,10 +259,10 @@ TARGET_FIELDS: Mapping[str, Field] = {
     ),
 }
 SCAN_FIELDS: Mapping[str, Field] = {
-    "max_concurrent_hosts": Field(integer(1, 4096), "4", "hosts scanned at the same time"),
+    "max_concurrent_hosts": Field(integer(1, 4096), "64", "hosts scanned at the same time"),
     "max_probes": Field(integer(1, 1_048_576), "4096", "global cap on probes in flight"),
     "jitter": Field(value(_jitter), "10%", "spread of scan times: 10% of interval, or 30s"),
-    "max_cidr_hosts": Field(integer(1, MAX_HOSTS), "65536", "largest CIDR block accepted"),
+    "max_hosts": Field(integer(1, MAX_HOSTS), "65536", "most hosts all targets expand to"),
 }
 FINGERPRINT_FIELDS: Mapping[str, Field] = {
     "enabled": Field(boolean, "true", "identify the service on open ports"),
@@ -306,8 +307,18 @@ def _dns_name(text: str) -> str | None:
     return name.lower()
 
 
-def _hosts(text: object, max_cidr_hosts: int) -> list[tuple[str, _Address | str]]:
-    """(label, identity) of every host a target's `host` stands for."""
+def _block_hosts(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    """How many hosts `network.hosts()` yields, without expanding it."""
+    size = network.num_addresses
+    if network.version == 4:
+        return size - 2 if network.prefixlen < 31 else size
+    return size - 1 if network.prefixlen < 127 else size
+
+
+def _hosts(text: object, room: int, max_hosts: int) -> list[tuple[str, _Address | str]]:
+    """(label, identity) of every host a target's `host` stands for. A block of more than
+    `room` hosts (what scan.max_hosts leaves after the targets before it) is refused before
+    it is expanded."""
     if not isinstance(text, str):
         raise ValueError(f"expected {_HOST_HINT}, got {describe(text)}")
     if "/" in text:
@@ -319,10 +330,14 @@ def _hosts(text: object, max_cidr_hosts: int) -> list[tuple[str, _Address | str]
             except ValueError:
                 raise ValueError(f"{show(text)} is not a valid CIDR block") from None
             raise ValueError(f"{text} has host bits set (did you mean {loose}?)") from None
-        if network.num_addresses > max_cidr_hosts:
+        count = _block_hosts(network)
+        if count > room:
+            before = max_hosts - room
+            hosts = f"{before} host" if before == 1 else f"{before} hosts"
+            with_others = f"; with the {hosts} of the targets before it that is" if before else ","
             raise ValueError(
-                f"{text}: block has {network.num_addresses} hosts,"
-                f" more than scan.max_cidr_hosts ({max_cidr_hosts})"
+                f"{text}: block has {count} hosts{with_others}"
+                f" more than scan.max_hosts ({max_hosts})"
             )
         # hosts() leaves out the IPv4 network and broadcast addresses (except in /31 and /32)
         # and the IPv6 subnet-router anycast address (except in /127 and /128).
@@ -385,7 +400,7 @@ def _targets(
     top: yaml.MappingNode,
     node: yaml.Node | None,
     defaults: Mapping[str, Setting],
-    max_cidr_hosts: int,
+    max_hosts: int,
     reader: Reader,
 ) -> tuple[HostSpec, ...]:
     if node is None:
@@ -419,7 +434,7 @@ def _targets(
             )
         try:
             written = reader.plain(host_node)
-            hosts = _hosts(written, max_cidr_hosts)
+            hosts = _hosts(written, max_hosts - len(specs), max_hosts)
         except Invalid as exc:
             raise reader.error(exc.node or host_node, host_key, exc.message) from None
         except ValueError as exc:
@@ -443,12 +458,12 @@ def _targets(
                 )
             seen[identity] = (key, host_node, str(written))
             specs.append(HostSpec(host=label, ports=ports, source=source, **values))
-        if len(specs) > MAX_HOSTS:
+        if len(specs) > max_hosts:
             raise reader.error(
                 host_node,
                 host_key,
-                f"the targets up to here expand to {len(specs)} hosts, more than the"
-                f" {MAX_HOSTS} one configuration may hold",
+                f"the targets up to here expand to {len(specs)} hosts, more than"
+                f" scan.max_hosts ({max_hosts})",
             )
     return tuple(specs)
 
@@ -522,7 +537,7 @@ def parse_config(text: str, path: str | Path, *, check_paths: bool = False) -> C
     # `defaults` is checked as a whole (ports vs exclude vs expected_open) only through the
     # targets that inherit it, so that a target can repair a default it overrides.
     targets_node = top["targets"][1] if "targets" in top else None
-    hosts = _targets(root, targets_node, defaults, scan["max_cidr_hosts"].value, reader)
+    hosts = _targets(root, targets_node, defaults, scan["max_hosts"].value, reader)
 
     if check_paths:
         where = storage["path"]
@@ -540,7 +555,7 @@ def parse_config(text: str, path: str | Path, *, check_paths: bool = False) -> C
             max_probes=scan["max_probes"].value,
             jitter_fraction=jitter_fraction,
             jitter_seconds=jitter_seconds,
-            max_cidr_hosts=scan["max_cidr_hosts"].value,
+            max_hosts=scan["max_hosts"].value,
         ),
         fingerprint=FingerprintSettings(**{k: s.value for k, s in fingerprint.items()}),
         storage=StorageSettings(**{k: s.value for k, s in storage.items()}),

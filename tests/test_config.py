@@ -164,10 +164,10 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         expected_open=None,
         source=f"{FIXTURES / 'good' / 'minimal.yaml'}:2",
     )
-    assert config.scan.max_concurrent_hosts == 4
+    assert config.scan.max_concurrent_hosts == 64
     assert config.scan.max_probes == 4096
     assert (config.scan.jitter_fraction, config.scan.jitter_seconds) == (0.1, None)
-    assert config.scan.max_cidr_hosts == 65536
+    assert config.scan.max_hosts == 65536
     assert config.fingerprint.enabled is True
     assert config.fingerprint.timeout == 5.0
     assert config.fingerprint.max_bytes == 16384
@@ -185,7 +185,7 @@ def test_full_config_every_key(tmp_path: Path) -> None:
     assert config.scan.max_concurrent_hosts == 8
     assert config.scan.max_probes == 2048
     assert (config.scan.jitter_fraction, config.scan.jitter_seconds) == (None, 30.0)
-    assert config.scan.max_cidr_hosts == 1024
+    assert config.scan.max_hosts == 1024
     assert config.fingerprint.enabled is False
     assert config.fingerprint.timeout == 3.0
     assert config.fingerprint.max_bytes == 4096
@@ -345,11 +345,33 @@ def test_large_cidr_expansion_and_limit() -> None:
     assert len({id(spec.ports) for spec in config.hosts}) == 1
     assert {spec.source for spec in config.hosts} == {"config.yaml:2"}
 
-    assert error_of("scan: {max_cidr_hosts: 8}\ntargets: [192.0.2.0/28]") == (
-        "config.yaml:2: targets[0]: 192.0.2.0/28: block has 16 hosts, "
-        "more than scan.max_cidr_hosts (8)"
+    assert error_of("scan: {max_hosts: 8}\ntargets: [192.0.2.0/28]") == (
+        "config.yaml:2: targets[0]: 192.0.2.0/28: block has 14 hosts, more than scan.max_hosts (8)"
     )
-    assert hosts("scan: {max_cidr_hosts: 8}\ntargets: [192.0.2.0/29]")[-1] == "192.0.2.6"
+    assert hosts("scan: {max_hosts: 14}\ntargets: [192.0.2.0/28]")[-1] == "192.0.2.14"
+
+
+@pytest.mark.parametrize(
+    ("targets", "error"),
+    [
+        # The limit counts the hosts of all targets together, blocks and single hosts alike.
+        ("[192.0.2.0/29, 198.51.100.0/29]", None),
+        (
+            "[192.0.2.0/29, 198.51.100.0/29, 203.0.113.1]",
+            "config.yaml:2: targets[2]: the targets up to here expand to 13 hosts,"
+            " more than scan.max_hosts (12)",
+        ),
+        (
+            "[203.0.113.1, 192.0.2.0/29, 198.51.100.0/29]",
+            "config.yaml:2: targets[2]: 198.51.100.0/29: block has 6 hosts; with the 7 hosts of"
+            " the targets before it that is more than scan.max_hosts (12)",
+        ),
+        ("[192.0.2.0/31, 192.0.2.4/30, 2001:db8::/126, 2001:db8::8/127]", None),
+    ],
+)
+def test_max_hosts_counts_all_targets_together(targets: str, error: str | None) -> None:
+    text = f"scan: {{max_hosts: 12}}\ntargets: {targets}"
+    assert error_of(text) == error if error else len(hosts(text)) <= 12
 
 
 @pytest.mark.parametrize(
@@ -691,11 +713,11 @@ def test_a_file_at_the_size_limit_is_read(tmp_path: Path) -> None:
 def test_many_cidr_blocks_are_bounded_in_hosts() -> None:
     blocks = "".join(f"  - 10.{n}.0.0/16\n" for n in range(256))
     started = time.perf_counter()
-    message = error_of("targets:\n" + blocks)
+    message = error_of(f"scan: {{max_hosts: {MAX_HOSTS}}}\ntargets:\n" + blocks)
     assert time.perf_counter() - started < 10
     assert message == (
-        "config.yaml:6: targets[4]: the targets up to here expand to 327670 hosts, more than"
-        f" the {MAX_HOSTS} one configuration may hold"
+        "config.yaml:7: targets[4]: 10.4.0.0/16: block has 65534 hosts; with the 262136 hosts"
+        f" of the targets before it that is more than scan.max_hosts ({MAX_HOSTS})"
     )
 
 
@@ -799,7 +821,7 @@ RANGES = [
     ("scan", "max_concurrent_hosts", "1", "4096", "0", "4097"),
     ("scan", "max_probes", "1", "1048576", "0", "1048577"),
     ("scan", "jitter", "0s", "365d", "-1s", "366d"),
-    ("scan", "max_cidr_hosts", "1", "262144", "0", "262145"),
+    ("scan", "max_hosts", "1", "262144", "0", "262145"),
     ("fingerprint", "timeout", "10ms", "10m", "9ms", "601s"),
     ("fingerprint", "max_bytes", "1", "16777216", "0", "16777217"),
     ("fingerprint", "concurrency", "1", "4096", "0", "4097"),
