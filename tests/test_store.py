@@ -443,6 +443,31 @@ def test_a_transition_from_an_outdated_state_is_refused(tmp_path: Path) -> None:
         assert daemon.poll_changes() == {}  # its own writes are not news
 
 
+def test_scans_recorded_together_keep_their_own_outcomes(tmp_path: Path) -> None:
+    """Scans grouped in one transaction: a stale one writes nothing and the others are kept,
+    each exactly as if it had been recorded alone."""
+    grouped, alone = tmp_path / "grouped.db", tmp_path / "alone.db"
+    with Store.open(grouped) as store, Store.open(alone) as reference:
+        states = {h: record_all(store, h, [{22: SSH}]) for h in ("alpha", "beta", "gamma")}
+        for h in states:
+            record_all(reference, h, [{22: SSH}])
+        # Someone else writes beta meanwhile: the state held for it is now outdated.
+        other = make_scan("beta", 2, {22: SSH, 443: HTTPS})
+        for s in (store, reference):
+            assert s.record_scan(other, step_scan(states["beta"], other))
+        scans = {h: make_scan(h, 3, {22: SSH, 8080: HTTP}) for h in states}
+        batch = [(scans[h], step_scan(states[h], scans[h])) for h in ("alpha", "beta", "gamma")]
+        batch.append(batch[0])  # the same scan twice: recorded once
+        outcomes = store.record_scans(batch)
+        assert outcomes[0] is True and outcomes[2] is True and outcomes[3] is False
+        assert isinstance(outcomes[1], StaleStateError)
+        for h in ("alpha", "gamma"):
+            assert reference.record_scan(scans[h], step_scan(states[h], scans[h]))
+        assert store.load_states() == reference.load_states()
+        for h in states:
+            assert store.history(h, 0.0) == reference.history(h, 0.0)
+
+
 def test_accept_through_the_store(tmp_path: Path) -> None:
     with Store.open(tmp_path / "s.db") as store:
         record_all(store, "alpha", [{22: SSH}, {22: SSH_NEW}, {22: SSH_NEW}])

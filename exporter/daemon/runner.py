@@ -8,11 +8,17 @@ wakes it (a scan finished, a reload). A scan is the step the daemon was built wi
 `pipeline`: TCP scan and identification, all hosts drawing probes from one shared budget);
 time is the `Clock` it was given, so tests run the daemon with a fake step on a fake clock.
 
-A finished scan goes through the pure state machine, then into the store (one transaction,
-in a worker thread), and only then into the in-memory snapshot that /metrics reads: a gauge
-never shows a change the store could lose in a crash. If another process (the `baseline
-accept` command) wrote the host in between, the store refuses the stale transition and the
-scan is folded again into the state the store now holds.
+A finished scan goes through the pure state machine, then into the store (grouped with the
+scans that finished meanwhile into one transaction, in a worker thread: see `writer`), and
+only then into the host's view that /metrics reads: a gauge never shows a change the store
+could lose in a crash.
+
+Every step costs O(log hosts) or less, whatever the size of the fleet: the due times sit in
+a heap (`schedule.DueTimes`), a finished scan updates its own host's view in place, and the
+immutable `Snapshot` readers see is assembled from the views only when read after a change.
+
+If another process (the `baseline accept` command) wrote the host while it was scanned, the
+store refuses the stale transition and the scan is folded again into the state the store now holds.
 
 A reload re-reads the config file; a broken file leaves everything running as it was.
 Hosts removed by a reload stop being scanned and exported; their history stays on disk.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +41,7 @@ from exporter.daemon.pipeline import BuildScan, ScanFn, build_scan_pipeline
 from exporter.daemon.reporting import ScanReport, StoreHealth
 from exporter.daemon.schedule import DueTimes, Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
+from exporter.daemon.writer import ScanWriter
 from exporter.model import HostScan
 from exporter.state import HostState, Transition, ports_that_matter, reconfigure, step
 from exporter.store import History, StaleStateError, Store, lost_store
@@ -81,6 +89,7 @@ class Daemon:
         self._clock = clock or SystemClock()
         self._planner = Planner(config.scan, rng or random.Random())
         self._store: Store | None = None
+        self._writer: ScanWriter | None = None
         self._states: dict[str, HostState] = {}
         self._schedule = DueTimes(config.scan.max_concurrent_hosts)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -95,12 +104,25 @@ class Daemon:
         self._reload = ReloadStatus(successful=True, at=now, last_success_at=now)
         self._started_at = now
         self._ready = False
+        # Each host's view, in config order, updated in place when that host changes: a
+        # change costs O(1), not O(hosts). The immutable Snapshot readers get is built from
+        # it when read and something changed since (`snapshot`): a busy fleet finishes
+        # hundreds of scans between two scrapes.
+        self._views: dict[str, HostView] = {}
+        self._changed = True
+        self._snapshot_lock = threading.Lock()  # readers call `snapshot` from threads too
         self._snapshot = self._build_snapshot()
 
     # -- Control (read by the HTTP surface) -------------------------------------------------
 
     @property
     def snapshot(self) -> Snapshot:
+        if self._changed:
+            with self._snapshot_lock:
+                if self._changed:
+                    # Cleared first: a change made while building sets it again.
+                    self._changed = False
+                    self._snapshot = self._build_snapshot()
         return self._snapshot
 
     async def reload(self) -> ReloadResult:
@@ -128,7 +150,7 @@ class Daemon:
         state = await asyncio.to_thread(store.accept, host, port, now=self._clock.now())
         if host in self._states:
             self._states[host] = state
-            self._publish()
+            self._update_view(host)
         log.info("baseline accepted", host=host, port=port)
         return state
 
@@ -154,6 +176,7 @@ class Daemon:
         self._store = await asyncio.to_thread(
             functools.partial(Store.open, config.storage.path, exclusive=True)
         )
+        self._writer = ScanWriter(self._store)
         scan_fn = await asyncio.to_thread(self._build_scan, config, None)
         stored = await asyncio.to_thread(self._store.load_states)
         self._states = {}
@@ -194,6 +217,8 @@ class Daemon:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+        if self._writer is not None:
+            await self._writer.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
             self._store = None
@@ -206,23 +231,17 @@ class Daemon:
     # -- scheduling -------------------------------------------------------------------------
 
     def _start_due_scans(self, now: float) -> None:
-        started = self._schedule.startable(now)
-        for host in started:
-            spec = self._specs.get(host)
-            if spec is None:
-                continue
-            task = asyncio.create_task(self._scan(spec), name=f"scan {host}")
+        for host in self._schedule.start_due(now):
+            task = asyncio.create_task(self._scan(self._specs[host]), name=f"scan {host}")
             self._tasks[host] = task
-            self._schedule.running.add(host)
             task.add_done_callback(functools.partial(self._scan_done, host))
-        if started:
-            self._publish()
+            self._update_view(host)
 
     def _scan_done(self, host: str, task: asyncio.Task[None]) -> None:
         if self._tasks.get(host) is task:
             del self._tasks[host]
-            self._schedule.running.discard(host)
-        self._publish()  # scan_in_progress back to 0
+            self._schedule.finish(host)
+            self._update_view(host)  # scan_in_progress back to 0
         self._wake.set()
 
     # -- one scan ---------------------------------------------------------------------------
@@ -256,10 +275,13 @@ class Daemon:
         self._report.scan_finished(spec, host_scan, transition)
         # Counted from now, after identification too: a confirming scan must come
         # `confirm_after` after the first sighting was published, not after its TCP phase.
-        self._schedule.due[spec.host] = self._planner.next_due(
-            spec, self._clock.now(), confirming=transition.needs_confirmation
+        self._schedule.set(
+            spec.host,
+            self._planner.next_due(
+                spec, self._clock.now(), confirming=transition.needs_confirmation
+            ),
         )
-        self._publish()
+        self._update_view(spec.host)
 
     def _scan_failed(self, spec: HostSpec, error: Exception, *, store: bool) -> None:
         host = spec.host
@@ -268,17 +290,18 @@ class Daemon:
         retry_in = max(backoff, min(spec.interval, RETRY_MAX_SECONDS))
         # Exported as the next scan stays the time the failed scan was due, so the scan
         # shows as overdue (PortscanScanStale) instead of always being just ahead.
-        if host in self._schedule.due:
-            self._overdue_since.setdefault(host, self._schedule.due[host])
-        self._schedule.due[host] = self._clock.now() + retry_in
+        due = self._schedule.get(host)
+        if due is not None:
+            self._overdue_since.setdefault(host, due)
+        self._schedule.set(host, self._clock.now() + retry_in)
         self._report.scan_failed(spec, error, retry_in=retry_in, store=store)
-        self._publish()
+        self._update_view(host)
 
     async def _record(self, spec: HostSpec, host_scan: HostScan) -> Transition:
         """Step the state machine and write the result in one transaction. If another
         process wrote the host meanwhile, the store refuses the stale transition and the
         scan is folded into the state the store now holds."""
-        store = self._require_store()
+        store, writer = self._require_store(), self._require_writer()
         state = self._states.get(spec.host, HostState.initial(spec.host))
         scanned_ports = frozenset(spec.ports)
         for _ in range(STALE_STATE_ATTEMPTS):
@@ -290,7 +313,7 @@ class Daemon:
                 confirmations=spec.confirmations,
             )
             try:
-                await asyncio.to_thread(store.record_scan, host_scan, transition)
+                await writer.record(host_scan, transition)
                 return transition
             except StaleStateError:
                 fresh = await asyncio.to_thread(store.load_state, spec.host)
@@ -330,7 +353,7 @@ class Daemon:
                 await asyncio.to_thread(store.record_transition, transition, now=now)
                 state = transition.new_state
             states[spec.host] = state
-            kept = self._schedule.due.get(spec.host)
+            kept = self._schedule.get(spec.host)
             if kept is not None and spec.host in self._states:
                 due[spec.host] = kept
             else:
@@ -341,7 +364,7 @@ class Daemon:
         self._config = config
         self._specs = {spec.host: spec for spec in config.hosts}
         self._states = states
-        self._schedule.due = due
+        self._schedule.replace_all(due)
         self._schedule.max_running = config.scan.max_concurrent_hosts
         self._scan_fn = scan_fn
         self._planner = planner
@@ -349,6 +372,9 @@ class Daemon:
         self._filtered = {host: f for host, f in self._filtered.items() if host in wanted}
         self._failures = {host: n for host, n in self._failures.items() if host in wanted}
         self._overdue_since = {h: t for h, t in self._overdue_since.items() if h in wanted}
+        # Built aside and swapped in whole: a scrape meanwhile must not see half the hosts.
+        self._views = {spec.host: self._view_of(spec.host, self._views) for spec in config.hosts}
+        self._changed = True
         self._wake.set()
 
     # -- store upkeep -----------------------------------------------------------------------
@@ -365,9 +391,9 @@ class Daemon:
             return
         changed = await asyncio.to_thread(store.poll_changes)
         updated = {host: state for host, state in changed.items() if host in self._states}
-        if updated:
-            self._states.update(updated)
-            self._publish()
+        for host, state in updated.items():
+            self._states[host] = state
+            self._update_view(host)
 
     async def _prune(self, store: Store, now: float) -> None:
         pruned = await asyncio.to_thread(store.prune, now - self._config.storage.retention)
@@ -384,35 +410,46 @@ class Daemon:
             raise RuntimeError("the store is not open")
         return self._store
 
+    def _require_writer(self) -> ScanWriter:
+        if self._writer is None:
+            raise RuntimeError("the store is not open")
+        return self._writer
+
     # -- snapshot -----------------------------------------------------------------------------
 
-    def _build_snapshot(self, previous: Snapshot | None = None) -> Snapshot:
-        hosts = []
+    def _update_view(self, host: str) -> None:
+        """Bring one host's view up to date: O(1) whatever the number of hosts."""
+        if host in self._views:
+            self._views[host] = self._view_of(host, self._views)
+            self._changed = True
+
+    def _view_of(self, host: str, views: dict[str, HostView]) -> HostView:
+        spec = self._specs[host]
+        state = self._states.get(host) or HostState.initial(host)
+        due = self._overdue_since.get(host, self._schedule.get(host))
+        scanning = host in self._schedule.running
+        filtered = self._filtered.get(host)
+        view = views.get(host)
+        # An unchanged host keeps its view object: /metrics re-renders only new ones.
+        if (
+            view is None
+            or view.spec is not spec
+            or view.state is not state
+            or view.next_scan != due
+            or view.scanning != scanning
+            or view.filtered != filtered
+        ):
+            view = HostView(
+                spec=spec, state=state, next_scan=due, scanning=scanning, filtered=filtered
+            )
+        return view
+
+    def _build_snapshot(self) -> Snapshot:
         # Before the stored state is loaded nothing is known of any host: export none rather
         # than hosts that look never scanned.
-        specs = self._config.hosts if self._ready else ()
-        for spec in specs:
-            host = spec.host
-            state = self._states.get(host) or HostState.initial(host)
-            due, scanning = self._schedule.due.get(host), host in self._schedule.running
-            due = self._overdue_since.get(host, due)
-            filtered = self._filtered.get(host)
-            view = previous.host(host) if previous is not None else None
-            # An unchanged host keeps its view object: /metrics re-renders only new ones.
-            if (
-                view is None
-                or view.spec is not spec
-                or view.state is not state
-                or view.next_scan != due
-                or view.scanning != scanning
-                or view.filtered != filtered
-            ):
-                view = HostView(
-                    spec=spec, state=state, next_scan=due, scanning=scanning, filtered=filtered
-                )
-            hosts.append(view)
+        views = self._views if self._ready else {}
         return Snapshot(
-            hosts=tuple(hosts),
+            hosts=tuple(views.values()),
             reload=self._reload,
             started_at=self._started_at,
             config_path=str(Path(self._config.path)),
@@ -421,7 +458,9 @@ class Daemon:
             store=self._store_health,
             scans_total=dict(self._report.scans_total),
             probes_total=dict(self._report.probes_total),
+            index=dict(views),
         )
 
     def _publish(self) -> None:
-        self._snapshot = self._build_snapshot(self._snapshot)
+        """Something daemon-wide changed (reload status, store health, readiness)."""
+        self._changed = True

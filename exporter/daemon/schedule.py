@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
+import heapq
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from exporter.config import HostSpec, ScanSettings
 
@@ -53,33 +54,72 @@ class Planner:
         return finished + spec.interval + self.rng.uniform(-half, half)
 
 
-@dataclass
 class DueTimes:
     """When each host is due and which are being scanned, against a limit of scans at once.
 
     While a host is being scanned its due time stays the one it had: a scan that hangs shows
     as overdue (PortscanScanStale) instead of dropping the series.
+
+    The due times sit in a heap as well, so that a decision costs O(log hosts) however large
+    the fleet: an entry whose host has been given another due time since, or is being
+    scanned, is stale and dropped when it reaches the top (lazy deletion).
     """
 
-    max_running: int
-    due: dict[str, float] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
+    def __init__(self, max_running: int) -> None:
+        self.max_running = max_running
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self.running: set[str] = set()
 
-    def startable(self, now: float) -> list[str]:
-        """Hosts to start now, the longest overdue first, as many as there are free slots."""
-        free = self.max_running - len(self.running)
-        if free <= 0:
-            return []
-        waiting = sorted(
-            (due, host) for host, due in self.due.items() if due <= now and host not in self.running
-        )
-        return [host for _, host in waiting[:free]]
+    def get(self, host: str) -> float | None:
+        return self._due.get(host)
+
+    def __contains__(self, host: str) -> bool:
+        return host in self._due
+
+    def set(self, host: str, due: float) -> None:
+        self._due[host] = due
+        if host not in self.running:
+            heapq.heappush(self._heap, (due, host))
+
+    def replace_all(self, due: dict[str, float]) -> None:
+        """A new set of hosts (start, reload): hosts not in `due` are no longer planned."""
+        self._due = dict(due)
+        self._heap = [(when, host) for host, when in self._due.items() if host not in self.running]
+        heapq.heapify(self._heap)
+
+    def finish(self, host: str) -> None:
+        """The host's scan ended; its next due time comes from `set` (or stays as it was)."""
+        self.running.discard(host)
+        due = self._due.get(host)
+        if due is not None:
+            heapq.heappush(self._heap, (due, host))
+
+    def start_due(self, now: float) -> list[str]:
+        """Hosts to start now, the longest overdue first, as many as there are free slots;
+        they count as running from here until `finish`."""
+        started: list[str] = []
+        while len(self.running) < self.max_running:
+            due = self._top()
+            if due is None or due > now:
+                break
+            _, host = heapq.heappop(self._heap)
+            self.running.add(host)
+            started.append(host)
+        return started
 
     def next_wake(self) -> float | None:
         """The next due time worth waking for: none while every slot is taken (a finishing
         scan wakes the loop), else the earliest of the hosts not being scanned."""
         if len(self.running) >= self.max_running:
             return None
-        return min(
-            (due for host, due in self.due.items() if host not in self.running), default=None
-        )
+        return self._top()
+
+    def _top(self) -> float | None:
+        heap = self._heap
+        while heap:
+            due, host = heap[0]
+            if host not in self.running and self._due.get(host) == due:
+                return due
+            heapq.heappop(heap)  # stale: re-planned, being scanned, or removed
+        return None

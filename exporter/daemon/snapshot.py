@@ -1,7 +1,8 @@
 """The in-memory picture every reader (/metrics, status page, JSON API) works from.
 
-A `Snapshot` is immutable and replaced whole after each finished scan or reload, so a
-scrape reads one consistent picture without locks, SQL or waiting for a scan.
+A `Snapshot` is immutable: a reader gets one consistent picture without locks, SQL or
+waiting for a scan. The daemon keeps each host's view up to date in place as scans finish
+and builds a new Snapshot from those views when one is read after a change.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class Snapshot:
     # Counters since start, as Prometheus counters are: (host, result) -> scans finished.
     scans_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
     probes_total: Mapping[str, int] = field(default_factory=dict)
-    _index: Mapping[str, HostView] = field(default_factory=dict, repr=False, compare=False)
+    # host -> its view; built from `hosts` when not given (the daemon gives it, at C speed).
+    index: Mapping[str, HostView] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_index", {view.host: view for view in self.hosts})
+        if len(self.index) != len(self.hosts):
+            object.__setattr__(self, "index", {view.host: view for view in self.hosts})
 
     def host(self, name: str) -> HostView | None:
-        return self._index.get(name)
+        return self.index.get(name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,13 +2,15 @@
 
 Durability
 ----------
-One finished scan is one transaction: the scans row, the host's new state, its events and its
-timeline updates commit together or not at all, so a kill -9 at any moment loses at most the
-scan in flight. The database runs in WAL mode with `synchronous=FULL`: a commit returns only
-after the WAL is fsynced. NORMAL would survive kill -9 as well, but may lose the last commits
-on power loss, and a lost commit is a confirmed change whose gauge Prometheus already scraped
-and which would fire again after the restart. One fsync per finished scan costs nothing at
-the rate scans finish.
+One finished scan is written atomically: the scans row, the host's new state, its events and
+its timeline updates commit together or not at all, so a kill -9 at any moment loses at most
+the scans in flight. The daemon groups the scans that finish while a write is under way into
+one transaction (`record_scans`, a savepoint per scan): a fleet finishes hundreds of scans a
+second, and one fsync per scan would bound the scan rate. The database runs in WAL mode with
+`synchronous=FULL`: a commit returns only after the WAL is fsynced. NORMAL would survive
+kill -9 as well, but may lose the last commits on power loss, and a lost commit is a
+confirmed change whose gauge Prometheus already scraped and which would fire again after
+the restart.
 
 Several processes
 -----------------
@@ -196,6 +198,7 @@ class Store:
         self._conn = conn
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}  # host -> revision this instance last read or wrote
+        self._data_version: int | None = None  # PRAGMA data_version at the last poll_changes
         self._identity = identity  # (st_dev, st_ino) of the file the connection opened
         self._orphan_log_emptied = False
         self._lock_fd = lock_fd
@@ -367,43 +370,69 @@ class Store:
         Returns False, writing nothing, when this scan (same host and start time) is already
         recorded. Raises StaleStateError when `transition.previous` is not the stored state.
         """
-        result = host_scan.scan
-        state = transition.new_state
-        if (
-            state.host != result.host
-            or state.last_scan is None
-            or state.last_scan.started != result.started
-        ):
-            raise ValueError(f"transition does not belong to the scan of {result.host}")
-        finished = result.started + result.duration_seconds
+        outcome = self.record_scans([(host_scan, transition)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def record_scans(
+        self, scans: Sequence[tuple[HostScan, Transition]]
+    ) -> list[bool | StaleStateError]:
+        """Persist several hosts' finished scans in one transaction (one fsync).
+
+        Each scan is written under its own savepoint, so the outcome is per scan, as
+        `record_scan` would give it: True, False (already recorded), or a StaleStateError
+        (returned, not raised) for a scan whose host someone else wrote meanwhile; that scan
+        writes nothing and the others are kept. Any other error (full disk, I/O error, the
+        file replaced) is raised and writes nothing at all: each scan's state, events and
+        timeline still commit together or not, whatever is batched with them.
+        """
+        for host_scan, transition in scans:
+            _check_belongs(host_scan, transition)
+        outcomes: list[bool | StaleStateError] = []
         with self._write() as conn:
-            seen = conn.execute(
-                "SELECT 1 FROM scans WHERE host = ? AND started = ?", (result.host, result.started)
-            ).fetchone()
-            if seen is not None:
-                return False
-            self._check_previous(conn, transition.previous)
-            scan_id = conn.execute(
-                """INSERT INTO scans (host, started, finished, result, address, ports_scanned,
-                                      open_ports, probes_sent, error, events)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
-                (
-                    result.host,
-                    result.started,
-                    finished,
-                    scan_outcome(result).value,
-                    result.address,
-                    result.ports_scanned,
-                    len(result.open),
-                    result.probes_sent,
-                    result.error,
-                    len(transition.events),
-                ),
-            ).fetchone()[0]
-            self._put_state(conn, state, finished)
-            _insert_events(conn, transition.events, scan_id)
-            if result.ok:
-                _update_timeline(conn, host_scan, transition, finished)
+            for host_scan, transition in scans:
+                conn.execute("SAVEPOINT scan")
+                try:
+                    outcomes.append(self._record_one(conn, host_scan, transition))
+                except StaleStateError as exc:
+                    conn.execute("ROLLBACK TO scan")
+                    outcomes.append(exc)
+                conn.execute("RELEASE scan")
+        return outcomes
+
+    def _record_one(
+        self, conn: sqlite3.Connection, host_scan: HostScan, transition: Transition
+    ) -> bool:
+        result = host_scan.scan
+        finished = result.started + result.duration_seconds
+        seen = conn.execute(
+            "SELECT 1 FROM scans WHERE host = ? AND started = ?", (result.host, result.started)
+        ).fetchone()
+        if seen is not None:
+            return False
+        self._check_previous(conn, transition.previous)
+        scan_id = conn.execute(
+            """INSERT INTO scans (host, started, finished, result, address, ports_scanned,
+                                  open_ports, probes_sent, error, events)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id""",
+            (
+                result.host,
+                result.started,
+                finished,
+                scan_outcome(result).value,
+                result.address,
+                result.ports_scanned,
+                len(result.open),
+                result.probes_sent,
+                result.error,
+                len(transition.events),
+            ),
+        ).fetchone()[0]
+        self._put_state(conn, transition.new_state, finished)
+        _insert_events(conn, transition.events, scan_id)
+        if result.ok:
+            _update_timeline(conn, host_scan, transition, finished)
         return True
 
     def record_transition(self, transition: Transition, *, now: float) -> None:
@@ -482,8 +511,16 @@ class Store:
         return decode_state(row[0])
 
     def poll_changes(self) -> dict[str, HostState]:
-        """States written by someone else since this Store last read or wrote them."""
+        """States written by someone else since this Store last read or wrote them.
+
+        Cheap while nobody else writes (the daemon calls it every few seconds, whatever the
+        number of hosts): SQLite's data_version changes only when another connection commits.
+        """
         with self._read() as conn:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return {}
+            self._data_version = version
             revisions = conn.execute("SELECT host, revision FROM hosts").fetchall()
             changed = [host for host, rev in revisions if self._seen.get(host) != rev]
             rows = [
@@ -541,6 +578,16 @@ class Store:
             intervals=tuple(Interval(*r) for r in intervals),
             scans=tuple(ScanRecord(*r) for r in scans),
         )
+
+
+def _check_belongs(host_scan: HostScan, transition: Transition) -> None:
+    result, state = host_scan.scan, transition.new_state
+    if (
+        state.host != result.host
+        or state.last_scan is None
+        or state.last_scan.started != result.started
+    ):
+        raise ValueError(f"transition does not belong to the scan of {result.host}")
 
 
 def lock_path(path: Path) -> Path:
