@@ -15,9 +15,10 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import textwrap
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from exporter.daemon.runner import POLL_STORE_SECONDS, Daemon, StoreLostError
 from exporter.daemon.schedule import FIRST_SCAN_SPREAD_SECONDS
 from exporter.daemon.snapshot import HostView
 from exporter.model import HostScan, ScanResult
-from exporter.state import EventKind
+from exporter.state import EventKind, Transition
 from exporter.store import Store, StoreInUseError
 from exporter.web.app import build_app
 from exporter.web.metrics import SnapshotExposition
@@ -587,3 +588,40 @@ async def test_a_lost_store_is_not_silently_relearned(tmp_path: Path) -> None:
         assert view is not None and view.state.baseline_source is None  # learned anew
     finally:
         await relearning.shutdown()
+
+
+async def test_scans_that_finish_together_share_a_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet's scans are written in groups, each still all or nothing: a full disk fails
+    every scan of its group (none is published), and the next round records them all."""
+    hosts = [f"198.51.100.{i}" for i in range(1, 61)]
+    groups: list[int] = []
+    full_disk = False
+    record_scans = Store.record_scans
+
+    def counting(store: Store, scans: Sequence[tuple[HostScan, Transition]]) -> list[object]:
+        groups.append(len(scans))
+        if full_disk:
+            raise sqlite3.OperationalError("database or disk is full")
+        return list(record_scans(store, scans))
+
+    monkeypatch.setattr(Store, "record_scans", counting)
+    extra = "scan:\n  jitter: 0s\n"
+    async with running_daemon(tmp_path, hosts, extra=extra) as run:
+        await run.advance(FIRST_SCAN_SPREAD_SECONDS)
+        assert sum(groups) == len(hosts) and len(groups) < len(hosts) / 2, groups
+        assert all(run.view(host).state.last_scan is not None for host in hosts)
+
+        full_disk, groups[:] = True, []
+        before = {host: run.view(host).state for host in hosts}
+        await run.advance(HOUR)
+        assert sum(groups) == len(hosts)
+        assert all(run.view(host).state is before[host] for host in hosts), "published unsaved"
+        assert run.daemon.snapshot.store.write_errors_total == len(hosts)
+
+        full_disk = False
+        await run.advance(HOUR)
+    with Store.open(run.state_path) as store:
+        rows = store.history(hosts[0], 0.0).scans
+    assert len(rows) == 2  # the first round and the one after the disk had room again
