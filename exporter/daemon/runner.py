@@ -241,7 +241,7 @@ class Daemon:
         if self._tasks.get(host) is task:
             del self._tasks[host]
             self._schedule.finish(host)
-            self._update_view(host)  # scan_in_progress back to 0
+            self._update_view(host)  # no longer scanning
         self._wake.set()
 
     # -- one scan ---------------------------------------------------------------------------
@@ -458,7 +458,6 @@ class Daemon:
             store=self._store_health,
             scans_total=dict(self._report.scans_total),
             probes_total=dict(self._report.probes_total),
-            index=dict(views),
         )
 
     def _publish(self) -> None:

@@ -52,15 +52,14 @@ class Snapshot:
     # Counters since start, as Prometheus counters are: (host, result) -> scans finished.
     scans_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
     probes_total: Mapping[str, int] = field(default_factory=dict)
-    # host -> its view; built from `hosts` when not given (the daemon gives it, at C speed).
-    index: Mapping[str, HostView] = field(default_factory=dict, repr=False, compare=False)
+    _index: Mapping[str, HostView] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.index) != len(self.hosts):
-            object.__setattr__(self, "index", {view.host: view for view in self.hosts})
+        names = (view.spec.host for view in self.hosts)
+        object.__setattr__(self, "_index", dict(zip(names, self.hosts, strict=True)))
 
     def host(self, name: str) -> HostView | None:
-        return self.index.get(name)
+        return self._index.get(name)
 
 
 @dataclass(frozen=True, slots=True)
