@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from tests.test_metrics_exposition import exposed_families
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "alerting-rules"
 RULES = RULES_DIR / "portscan.rules.yml"
@@ -265,6 +267,21 @@ def test_every_held_series_is_fed_by_a_unit_test() -> None:
         match = HELD.fullmatch(rule["record"])
         if match is not None:
             assert match.group(1) in fed, rule["record"]
+
+
+def test_rules_and_their_tests_use_only_what_the_exporter_exposes() -> None:
+    """A series the exporter no longer exposes would silently never alert, and a unit test
+    fed with one would prove nothing."""
+    exposed = exposed_families()
+    for rule in _rules():
+        texts = [rule["expr"], *rule.get("annotations", {}).values()]
+        used = {name for text in texts for name in re.findall(r"\bportscan_[a-z0-9_]+", text)}
+        assert used <= exposed, (rule.get("alert") or rule.get("record"), used - exposed)
+    for path in RULE_TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for series in case.get("input_series", []):
+                name = series["series"].split("{")[0]
+                assert not name.startswith("portscan_") or name in exposed, (path.name, name)
 
 
 def test_alerts_about_hosts_aggregate_away_the_exporters() -> None:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.prometheus_lab import Prom, missing_binaries_reason, run_prometheus, wait_for
+from tests.test_metrics_exposition import exposed_families
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -374,13 +375,14 @@ def fleet_exposition(now: float) -> str:
             last + h.interval,
         )
         out.add("portscan_ports_scanned", gauge, "Ports probed in the last scan.", host, 1000.0)
-        out.add(
-            "portscan_open_ports",
-            gauge,
-            "Confirmed open ports.",
-            host,
-            float(sum(p.open for p in h.ports)),
-        )
+        if h.ports:
+            out.add(
+                "portscan_confirmations_required",
+                gauge,
+                "Consecutive scans that confirm a change.",
+                host,
+                2.0,
+            )
         for result, count in (("success", 40.0), ("failure", 2.0)):
             out.add(
                 "portscan_scans_total",
@@ -405,13 +407,15 @@ def fleet_exposition(now: float) -> str:
                     port,
                     float(p.in_force == kind),
                 )
-            for change in CHANGES:
+            # Only while a change is pending, and only for its kind.
+            if p.pending is not None:
+                assert p.pending in CHANGES, p.pending
                 out.add(
                     "portscan_port_change_pending",
                     gauge,
                     "A change seen, not yet confirmed.",
-                    port | {"change": change},
-                    float(p.pending == change),
+                    port | {"change": p.pending},
+                    1.0,
                 )
             out.add(
                 "portscan_port_last_change_timestamp_seconds",
@@ -447,6 +451,29 @@ def fleet_exposition(now: float) -> str:
     )
     out.add("portscan_build_info", gauge, "Build information.", {"version": "0.1.0"}, 1.0)
     return out.render()
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The portscan_* metrics an expression reads; a __name__ regex must match one or more."""
+    exposed = exposed_families()
+    for pattern in re.findall(r'__name__=~"([^"]+)"', expr):
+        assert any(re.fullmatch(pattern, name) for name in exposed), pattern
+    expr = re.sub(r'__name__=~"[^"]+"', "", expr)
+    return set(re.findall(r"\bportscan_[a-z0-9_]+", expr))
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboards_read_only_what_the_exporter_exposes(path: Path) -> None:
+    exposed = exposed_families()
+    for where, expr, _ in _expressions(_load(path)):
+        assert _metric_names(expr) <= exposed, (where, _metric_names(expr) - exposed)
+    # The hosts the variable lists: every host scanned, with or without open ports.
+    assert _metric_names(HOST_QUERY) <= exposed
+
+
+def test_fixture_exposition_is_shaped_like_the_exporters() -> None:
+    families = set(re.findall(r"^# TYPE (\S+) ", fleet_exposition(time.time()), re.MULTILINE))
+    assert families <= exposed_families(), families - exposed_families()
 
 
 def test_fixture_exposition_passes_promtool_check_metrics() -> None:

@@ -5,7 +5,7 @@ the state machine produced from scans (the lab of test_http.py, counted by the d
 ScanReport), with the process collectors run.py registers appended. Each body is fetched
 over HTTP with a real client, parsed with prometheus_client's parser and linted with
 `promtool check metrics`, which must stay silent (DESIGN.md). Only the text format 0.0.4 is
-served, whatever Accept asks for; compression is aiohttp's, negotiated from Accept-Encoding.
+served, whatever Accept asks for; the coding is negotiated from Accept-Encoding as aiohttp does.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import re
 import shutil
 import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,15 +34,16 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import __version__
+from exporter.daemon.reporting import StoreHealth
 from exporter.daemon.snapshot import HostView, ReloadStatus, Snapshot
-from exporter.model import HostScan, ScanResult
+from exporter.model import HostScan, ScanResult, ServiceIdentity
 from exporter.state import HostState, step
+from exporter.web import metrics
 from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition, negotiate, render_host
 from tests.test_http import (
     NGINX,
     NOW,
     PORTS,
-    SPECS,
     SSH,
     Answer,
     LabControl,
@@ -116,8 +118,34 @@ def promtool_check(body: bytes) -> str:
     return report
 
 
+def exposed_families() -> set[str]:
+    """Every portscan_* metric the exporter may expose, by sample name (counters with _total):
+    every family has its HELP and TYPE even with no sample, and the one family that comes
+    and goes with the daemon's state is made present."""
+    snapshot = Snapshot(
+        hosts=(),
+        reload=ReloadStatus(True, NOW, NOW),
+        started_at=NOW,
+        config_path="config.yaml",
+        ready=True,
+        store=StoreHealth(last_success_at=NOW),
+    )
+    text = SnapshotExposition(lambda: snapshot).portscan_body().decode()
+    return set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
+
+
 def port(host: str, number: int) -> dict[str, str | int]:
     return {"host": host, "port": number, "protocol": "tcp"}
+
+
+def open_ports(series: Series) -> dict[str, int]:
+    """host -> confirmed open ports: count(portscan_port_open == 1) by (host)."""
+    counts: dict[str, int] = {}
+    for (name, labels), v in series.items():
+        if name == "portscan_port_open" and v == 1:
+            host = dict(labels)["host"]
+            counts[host] = counts.get(host, 0) + 1
+    return counts
 
 
 async def test_prometheus_reads_every_family(control: LabControl) -> None:
@@ -136,9 +164,8 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
         "port_baseline_info", "port_tls_cert_info", "port_filtered", "confirmations_required",
         "port_tls_cert_expiry_timestamp_seconds", "port_last_change_timestamp_seconds",
         "scan_success", "last_scan_timestamp_seconds", "last_scan_duration_seconds",
-        "next_scan_timestamp_seconds", "ports_scanned", "open_ports", "scan_in_progress",
-        "config_last_reload_successful", "config_last_reload_success_timestamp_seconds",
-        "build_info",
+        "next_scan_timestamp_seconds", "ports_scanned", "config_last_reload_successful",
+        "config_last_reload_success_timestamp_seconds", "build_info",
     )  # fmt: skip
     expected = {f"portscan_{name}": "gauge" for name in gauges}
     # The text parser names a counter family without _total; its samples keep it.
@@ -191,21 +218,25 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
         if name == "portscan_port_baseline_info" and dict(labels)["host"] == db
     }
     assert baseline == {"22": ("ssh", "OpenSSH"), "5432": ("postgresql", "PostgreSQL")}
-    assert value(series, "portscan_confirmations_required", host=db) == 2
+    # The setting the alert texts quote, for the hosts that have ports to alert on.
+    assert {
+        dict(labels)["host"]: v
+        for (name, labels), v in series.items()
+        if name == "portscan_confirmations_required"
+    } == {db: 2, "web.example.test": 2, "mail.example.test": 2, "192.0.2.50": 2}
     # Whether a port was dropped is known only from a scan of this process, not the store.
     assert not any(name == "portscan_port_filtered" for name, _ in series)
-    # web: 443 closed on the last scan only -> pending, still open and expected.
+    # web: 443 closed on the last scan only -> pending, still open and expected. One series
+    # for the change pending, and none for any port with nothing pending.
     web = "web.example.test"
     pending = {
-        change: value(series, "portscan_port_change_pending", **port(web, 443), change=change)
-        for change in (
-            "PORT_NEW_OPEN", "PORT_NOW_CLOSED", "PORT_SERVICE_CHANGED", "RETURN_TO_BASELINE"
-        )
-    }  # fmt: skip
+        tuple(sorted(dict(labels).items())): v
+        for (name, labels), v in series.items()
+        if name == "portscan_port_change_pending"
+    }
     assert pending == {
-        "PORT_NEW_OPEN": 0, "PORT_NOW_CLOSED": 1, "PORT_SERVICE_CHANGED": 0,
-        "RETURN_TO_BASELINE": 0,
-    }  # fmt: skip
+        (("change", "PORT_NOW_CLOSED"), ("host", web), ("port", "443"), ("protocol", "tcp")): 1
+    }
     assert value(series, "portscan_port_open", **port(web, 443)) == 1
     assert value(series, "portscan_port_expected_closed", **port(web, 443)) == 0
     assert value(series, "portscan_port_tls_cert_expiry_timestamp_seconds", **port(web, 443)) == (
@@ -228,16 +259,12 @@ async def test_prometheus_reads_every_family(control: LabControl) -> None:
     assert value(series, "portscan_scan_success", host=db) == 1
     assert value(series, "portscan_scan_success", host="192.0.2.50") == 0
     assert value(series, "portscan_scan_success", host="new.example.test") is None
-    assert value(series, "portscan_scan_in_progress", host="new.example.test") == 1
     assert value(series, "portscan_next_scan_timestamp_seconds", host=db) == NOW + 720
     assert value(series, "portscan_last_scan_timestamp_seconds", host=db) == NOW - 180
     assert value(series, "portscan_ports_scanned", host=db) == len(PORTS)
-    assert value(series, "portscan_open_ports", host=db) == 3
-    assert {
-        host: value(series, "portscan_open_ports", host=host) for host in (s.host for s in SPECS)
-    } == {
+    # Open ports per host are counted from portscan_port_open, as the dashboards do.
+    assert open_ports(series) == {
         "db.example.test": 3, "web.example.test": 2, "mail.example.test": 1, "192.0.2.50": 1,
-        "new.example.test": 0, "2001:db8::10": 0,
     }  # fmt: skip
 
     # The daemon's counters, by result.
@@ -335,9 +362,9 @@ async def test_a_new_scan_reaches_the_next_scrape(control: LabControl) -> None:
     assert value(now, "portscan_port_tls_cert_expiry_timestamp_seconds", **port(web, 443)) is None
     assert value(now, "portscan_last_scan_duration_seconds", host=web) == 0.5
     assert value(now, "portscan_scans_total", host=web, result="success") == 3
-    assert (
-        value(now, "portscan_port_change_pending", **port(web, 443), change="PORT_NOW_CLOSED") == 0
-    )
+    # Confirmed, so no longer pending: the series is gone.
+    assert not any(name == "portscan_port_change_pending" for name, _ in now)
+    assert value(was, "portscan_port_change_pending", **port(web, 443), change="PORT_NOW_CLOSED")
     # Nothing else moved.
     changed = {key for key in was.keys() | now.keys() if was.get(key) != now.get(key)}
     assert changed and all(dict(labels)["host"] == web for _, labels in changed)
@@ -391,7 +418,7 @@ async def test_a_large_fleet_is_served_compressed(control: LabControl) -> None:
     _, series = parse(body.decode())
     opened = [key for key, v in series.items() if key[0] == "portscan_port_open" and v == 1]
     assert len(opened) == 4000
-    assert value(series, "portscan_open_ports", host="host-00999.fleet.example.test") == 4
+    assert open_ports(series)["host-00999.fleet.example.test"] == 4
 
 
 class CountingRenderer:
@@ -412,11 +439,17 @@ class CountingRenderer:
         return render_host(view, vantage)
 
 
-def rescanning(snapshot: Snapshot, index: int) -> Snapshot:
-    """The next snapshot the daemon would publish: host `index` has a scan under way."""
+def rescheduled(snapshot: Snapshot, index: int) -> Snapshot:
+    """The next snapshot the daemon would publish: host `index` is due an hour later."""
     hosts = list(snapshot.hosts)
-    hosts[index] = dataclasses.replace(hosts[index], scanning=True)
+    due = hosts[index].next_scan
+    assert due is not None
+    hosts[index] = dataclasses.replace(hosts[index], next_scan=due + 3600)
     return dataclasses.replace(snapshot, hosts=tuple(hosts))
+
+
+def next_scan(body: bytes, host: str) -> float | None:
+    return value(parse(body.decode())[1], "portscan_next_scan_timestamp_seconds", host=host)
 
 
 def test_concurrent_scrapes_of_one_snapshot_share_one_render() -> None:
@@ -445,15 +478,13 @@ def test_concurrent_scrapes_of_one_snapshot_share_one_render() -> None:
     assert exposition()[0] is bodies[0]  # and so does any later scrape of that snapshot
 
     # A new snapshot is rendered anew, re-rendering only the host whose view changed.
-    current[0] = rescanning(fleet, 7)
+    current[0] = rescheduled(fleet, 7)
     renderer.hosts.clear()
     fresh = exposition()[0]
     assert renderer.hosts == [fleet.hosts[7].host]
     assert fresh is not bodies[0]
-    _, before = parse(bodies[0].decode())
-    _, after = parse(fresh.decode())
-    assert value(before, "portscan_scan_in_progress", host=fleet.hosts[7].host) == 0
-    assert value(after, "portscan_scan_in_progress", host=fleet.hosts[7].host) == 1
+    assert next_scan(bodies[0], fleet.hosts[7].host) == NOW + 3600
+    assert next_scan(fresh, fleet.hosts[7].host) == NOW + 7200
     assert exposition()[0] is fresh
 
 
@@ -466,14 +497,14 @@ def test_a_scrape_waiting_for_a_render_never_gets_an_older_snapshot() -> None:
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(exposition)  # reads `fleet` and renders it, held at the gate
         assert renderer.started.wait(timeout=10)
-        current[0] = rescanning(fleet, 3)  # published while that render is under way
+        current[0] = rescheduled(fleet, 3)  # published while that render is under way
         second = pool.submit(exposition)  # reads the new snapshot and waits for the lock
         time.sleep(0.05)
         renderer.gate.set()
         old, new = first.result(timeout=10)[0], second.result(timeout=10)[0]
     host = fleet.hosts[3].host
-    assert value(parse(old.decode())[1], "portscan_scan_in_progress", host=host) == 0
-    assert value(parse(new.decode())[1], "portscan_scan_in_progress", host=host) == 1
+    assert next_scan(old, host) == NOW + 3600
+    assert next_scan(new, host) == NOW + 7200
 
 
 def test_the_process_part_is_appended_to_the_shared_body_on_each_scrape() -> None:
@@ -513,10 +544,9 @@ def test_each_snapshot_is_compressed_once_and_each_scrape_is_one_stream() -> Non
     assert negotiate("") is None
     assert exposition.encoded(None).startswith(exposition.portscan_body())
 
-    current[0] = rescanning(fleet, 0)
+    current[0] = rescheduled(fleet, 0)
     host = fleet.hosts[0].host
-    _, series = parse(gzip.decompress(exposition.encoded("gzip")).decode())
-    assert value(series, "portscan_scan_in_progress", host=host) == 1
+    assert next_scan(gzip.decompress(exposition.encoded("gzip")), host) == NOW + 7200
 
 
 async def test_a_crowd_of_scrapes_shares_one_batch_read_after_each_arrived() -> None:
@@ -527,7 +557,7 @@ async def test_a_crowd_of_scrapes_shares_one_batch_read_after_each_arrived() -> 
     renderer.gate.clear()  # the first batch is held while the others arrive
     first = asyncio.ensure_future(exposition.scrape("gzip"))
     assert await asyncio.to_thread(renderer.started.wait, 10)
-    current[0] = rescanning(fleet, 5)  # published after the first request, before the crowd
+    current[0] = rescheduled(fleet, 5)  # published after the first request, before the crowd
     crowd = [asyncio.ensure_future(exposition.scrape(coding)) for coding in ["gzip"] * 20]
     crowd.append(asyncio.ensure_future(exposition.scrape(None)))
     await asyncio.sleep(0.05)
@@ -538,7 +568,162 @@ async def test_a_crowd_of_scrapes_shares_one_batch_read_after_each_arrived() -> 
     assert renderer.hosts == [*(view.host for view in fleet.hosts), fleet.hosts[5].host]
     assert all(body is bodies[0] for body in bodies[:20])
     host = fleet.hosts[5].host
-    assert value(parse(old.decode())[1], "portscan_scan_in_progress", host=host) == 0
+    assert next_scan(old, host) == NOW + 3600
     new = gzip.decompress(bodies[0])
     assert new == bodies[20]
-    assert value(parse(new.decode())[1], "portscan_scan_in_progress", host=host) == 1
+    assert next_scan(new, host) == NOW + 7200
+
+
+def with_counters(snapshot: Snapshot) -> Snapshot:
+    """The snapshot with the counters of one successful scan per host."""
+    return dataclasses.replace(
+        snapshot,
+        scans_total={(view.host, "success"): 1 for view in snapshot.hosts},
+        probes_total={view.host: len(PORTS) for view in snapshot.hosts},
+    )
+
+
+def scanned(
+    snapshot: Snapshot, index: int, opened: dict[int, ServiceIdentity], at: float
+) -> Snapshot:
+    """The snapshot after a scan of host `index` that found `opened` open, or no answer at
+    all when it is empty: a new view for that host, and its counters moved."""
+    hosts = list(snapshot.hosts)
+    view = hosts[index]
+    result = ScanResult(
+        view.host,
+        "192.0.2.1",
+        at,
+        1.25 + index / 1000,
+        len(PORTS),
+        bool(opened),
+        tuple(sorted(opened)),
+        tuple(p for p in PORTS if p not in opened) if opened else (),
+        probes_sent=len(PORTS),
+    )
+    state = step(
+        view.state,
+        HostScan(result, opened),
+        expected_open=None,
+        scanned_ports=view.spec.ports,
+        confirmations=view.spec.confirmations,
+    ).new_state
+    hosts[index] = dataclasses.replace(view, state=state, next_scan=at + 3600)
+    scans = dict(snapshot.scans_total)
+    key = (view.host, "success" if opened else "unreachable")
+    scans[key] = scans.get(key, 0) + 1
+    probes = dict(snapshot.probes_total)
+    probes[view.host] = probes.get(view.host, 0) + len(PORTS)
+    return dataclasses.replace(snapshot, hosts=tuple(hosts), scans_total=scans, probes_total=probes)
+
+
+def starting(snapshot: Snapshot, index: int) -> Snapshot:
+    """The snapshot published when a scan of host `index` starts: a new view, same series."""
+    hosts = list(snapshot.hosts)
+    hosts[index] = dataclasses.replace(hosts[index], scanning=True)
+    return dataclasses.replace(snapshot, hosts=tuple(hosts))
+
+
+def removed(snapshot: Snapshot, index: int) -> Snapshot:
+    """The snapshot after a reload that removed host `index`, counters included."""
+    gone = snapshot.hosts[index].host
+    return dataclasses.replace(
+        snapshot,
+        hosts=tuple(view for view in snapshot.hosts if view.host != gone),
+        scans_total={k: n for k, n in snapshot.scans_total.items() if k[0] != gone},
+        probes_total={h: n for h, n in snapshot.probes_total.items() if h != gone},
+    )
+
+
+@pytest.mark.parametrize("fast_above", [metrics.FAST_ABOVE, 0], ids=["level6", "level1"])
+def test_a_long_lived_exposition_says_what_a_first_render_says(
+    monkeypatch: pytest.MonkeyPatch, fast_above: int
+) -> None:
+    """Kept lines, blocks and compressed blocks never leave a stale series behind, and every
+    compressed body is one stream whose checksum and length match what it carries."""
+    monkeypatch.setattr(metrics, "FAST_ABOVE", fast_above)
+    current = [with_counters(fleet_snapshot(30, 2))]
+    exposition = SnapshotExposition(lambda: current[0], process_registry())
+    changes: list[Callable[[Snapshot], Snapshot]] = [
+        lambda s: scanned(s, 3, {22: SSH, 122: SSH}, NOW),  # times and counters move
+        lambda s: scanned(s, 4, {22: SSH, 122: SSH, 443: NGINX}, NOW + 1),  # pending
+        lambda s: scanned(s, 4, {22: SSH, 122: SSH, 443: NGINX}, NOW + 2),  # confirmed
+        lambda s: scanned(s, 5, {}, NOW + 3),  # no answer: a new counter sample
+        lambda s: starting(s, 6),
+        lambda s: dataclasses.replace(s, hosts=s.hosts[::-1]),  # a reload reordered them
+        lambda s: removed(s, 7),
+        lambda s: scanned(s, 0, {122: SSH}, NOW + 4),  # 22 closed: pending
+        lambda s: dataclasses.replace(s, vantage="outside"),
+        lambda s: dataclasses.replace(s, store=s.store.failed(OSError("disk full"))),
+        lambda s: scanned(s, 0, {122: SSH}, NOW + 5),  # confirmed closed
+        lambda s: scanned(s, 1, {}, NOW + 6),
+    ]
+    for change in changes:
+        before = exposition.portscan_body()
+        current[0] = change(current[0])
+        body = exposition.portscan_body()
+        assert body == SnapshotExposition(lambda: current[0]).portscan_body()
+        for coding, decompress in (("gzip", gzip.decompress), ("deflate", zlib.decompress)):
+            text = decompress(exposition.encoded(coding))
+            assert text.startswith(body)
+            types, _ = parse(text.decode())
+            assert types["process_cpu_seconds"] == "counter"
+        if change is changes[4]:  # a scan starting changes no series: the same body
+            assert body is before
+
+
+def test_a_snapshot_that_changes_no_series_shares_the_compressed_body() -> None:
+    current = [with_counters(fleet_snapshot(20, 1))]
+    exposition = SnapshotExposition(lambda: current[0], constant_registry())
+    first = exposition.encoded("gzip")
+    current[0] = starting(current[0], 3)
+    assert exposition.encoded("gzip") == first
+    current[0] = rescheduled(current[0], 3)
+    assert exposition.encoded("gzip") != first
+
+
+def test_a_quiet_host_costs_five_gauges_and_two_counters() -> None:
+    """A host with no open port and nothing in its baseline, scanned: what the README lists."""
+    fleet = with_counters(fleet_snapshot(3, 0))
+    _, series = parse(SnapshotExposition(lambda: fleet).portscan_body().decode())
+    host = fleet.hosts[1].host
+    assert {name for name, labels in series if ("host", host) in labels} == {
+        "portscan_scan_success",
+        "portscan_ports_scanned",
+        "portscan_last_scan_timestamp_seconds",
+        "portscan_last_scan_duration_seconds",
+        "portscan_next_scan_timestamp_seconds",
+        "portscan_scans_total",
+        "portscan_probes_sent_total",
+    }
+
+
+def test_times_are_exported_to_the_millisecond() -> None:
+    fleet = fleet_snapshot(1, 1)
+    view = fleet.hosts[0]
+    assert view.state.last_scan is not None
+    last = dataclasses.replace(view.state.last_scan, finished=NOW + 0.12345, duration_seconds=2 / 3)
+    view = dataclasses.replace(
+        view, state=dataclasses.replace(view.state, last_scan=last), next_scan=NOW + 1e-4
+    )
+    text = "".join(render_host(view))
+    assert f'portscan_last_scan_timestamp_seconds{{host="{view.host}"}} {NOW + 0.123!r}\n' in text
+    assert f'portscan_last_scan_duration_seconds{{host="{view.host}"}} 0.667\n' in text
+    assert f'portscan_next_scan_timestamp_seconds{{host="{view.host}"}} {int(NOW)}\n' in text
+
+
+def test_the_readme_lists_every_metric_exposed() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("| metric | meaning |\n", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`(portscan_[a-z0-9_]+)", table)) == exposed_families()
+
+
+def test_checksums_combine_as_zlib_computes_them() -> None:
+    """The body's CRC-32 and Adler-32 come from its blocks': the same as over the whole."""
+    parts = [b"", b"x", b"# HELP a b\n" * 3000, bytes(range(256)) * 70, b"\xff" * 65521]
+    crc, adler, whole = 0, 1, b""
+    for part in parts:
+        crc = metrics._crc32_combine(crc, zlib.crc32(part), len(part))
+        adler = metrics._adler32_combine(adler, zlib.adler32(part), len(part))
+        whole += part
+        assert crc == zlib.crc32(whole) and adler == zlib.adler32(whole)
