@@ -38,7 +38,7 @@ from exporter.daemon.reporting import StoreHealth
 from exporter.daemon.snapshot import HostView, ReloadStatus, Snapshot
 from exporter.model import HostScan, ScanResult, ServiceIdentity
 from exporter.state import HostState, step
-from exporter.web import metrics
+from exporter.web import deflate_blocks
 from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition, negotiate, render_host
 from tests.test_http import (
     NGINX,
@@ -635,13 +635,13 @@ def removed(snapshot: Snapshot, index: int) -> Snapshot:
     )
 
 
-@pytest.mark.parametrize("fast_above", [metrics.FAST_ABOVE, 0], ids=["level6", "level1"])
+@pytest.mark.parametrize("fast_above", [deflate_blocks.FAST_ABOVE, 0], ids=["level6", "level1"])
 def test_a_long_lived_exposition_says_what_a_first_render_says(
     monkeypatch: pytest.MonkeyPatch, fast_above: int
 ) -> None:
     """Kept lines, blocks and compressed blocks never leave a stale series behind, and every
     compressed body is one stream whose checksum and length match what it carries."""
-    monkeypatch.setattr(metrics, "FAST_ABOVE", fast_above)
+    monkeypatch.setattr(deflate_blocks, "FAST_ABOVE", fast_above)
     current = [with_counters(fleet_snapshot(30, 2))]
     exposition = SnapshotExposition(lambda: current[0], process_registry())
     changes: list[Callable[[Snapshot], Snapshot]] = [
@@ -723,7 +723,7 @@ def test_checksums_combine_as_zlib_computes_them() -> None:
     parts = [b"", b"x", b"# HELP a b\n" * 3000, bytes(range(256)) * 70, b"\xff" * 65521]
     crc, adler, whole = 0, 1, b""
     for part in parts:
-        crc = metrics._crc32_combine(crc, zlib.crc32(part), len(part))
-        adler = metrics._adler32_combine(adler, zlib.adler32(part), len(part))
+        crc = deflate_blocks.crc32_combine(crc, zlib.crc32(part), len(part))
+        adler = deflate_blocks.adler32_combine(adler, zlib.adler32(part), len(part))
         whole += part
         assert crc == zlib.crc32(whole) and adler == zlib.adler32(whole)

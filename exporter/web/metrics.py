@@ -29,7 +29,8 @@ whose view did not change, and little for the families none of whose lines chang
   render or two they are one block made anew on each render (21 MB at 65,536 hosts), and
   the rest are blocks that stay.
 - Compression, per block. A block is compressed on its own (raw deflate from a fresh
-  compressor, ended by a sync flush, so that it refers to nothing before it) the first time
+  compressor, ended by a sync flush, so that it refers to nothing before it; see
+  `deflate_blocks`) the first time
   a compressed scrape needs it, and the result is kept with the block, with its CRC-32 or
   Adler-32. A gzip or deflate body is then the coding's header, the kept compressed blocks,
   the process part compressed to the end of the stream, and the trailer: the checksum of
@@ -72,9 +73,7 @@ The coding is picked from Accept-Encoding as aiohttp picks it for other response
 from __future__ import annotations
 
 import asyncio
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import compress, count, groupby
@@ -87,14 +86,9 @@ from exporter import __version__
 from exporter.daemon.snapshot import HostView, Snapshot
 from exporter.model import decode_fingerprint
 from exporter.state import port_statuses
+from exporter.web.deflate_blocks import CODINGS, Block, finish, frame
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Content codings in the order aiohttp tries them against Accept-Encoding, with the header
-# of each: gzip's (no name, no mtime, OS unknown), and a zlib stream's for deflate (as
-# aiohttp sends it).
-CODINGS = {"deflate": b"\x78\x9c", "gzip": b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"}
-# Blocks larger than this are compressed at zlib level 1 (see the module's docstring).
-FAST_ABOVE = 1 << 20
 
 # (name, type, help) of the per-host and per-port families, in exposition order; the two
 # per-host counters and the daemon's own series follow them.
@@ -296,86 +290,6 @@ def negotiate(accept_encoding: str) -> str | None:
     return None
 
 
-class _Block:
-    """The text of a run of adjacent families, and its compressed form and checksums once a
-    scrape asked for them. Kept, all of them, while none of its families changes.
-
-    Compressed on its own: raw deflate from a fresh compressor, ended by a sync flush (byte
-    aligned, not the final block), so it refers to no byte before it and the blocks of a
-    body, however old each is, concatenate into one valid deflate stream."""
-
-    __slots__ = ("_adler", "_crc", "_deflated", "data")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self._deflated: bytes | None = None
-        self._crc: int | None = None
-        self._adler: int | None = None
-
-    # All three under the exposition's lock.
-    def deflated(self) -> bytes:
-        if self._deflated is None:
-            level = 1 if len(self.data) > FAST_ABOVE else zlib.Z_DEFAULT_COMPRESSION
-            compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
-            self._deflated = compressor.compress(self.data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        return self._deflated
-
-    def crc32(self) -> int:
-        if self._crc is None:
-            self._crc = zlib.crc32(self.data)
-        return self._crc
-
-    def adler32(self) -> int:
-        if self._adler is None:
-            self._adler = zlib.adler32(self.data)
-        return self._adler
-
-
-# Checksums of a concatenation from those of its parts, as zlib's crc32_combine() and
-# adler32_combine() compute them (Python's zlib module has neither): a body's checksum then
-# costs a few operations per block, not a pass over every byte of it.
-_CRC_POLY = 0xEDB88320  # CRC-32's polynomial, bit-reflected
-_ADLER_BASE = 65521
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a x b modulo the CRC-32 polynomial (a must not be 0)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-# x^(2^k) modulo the polynomial, for k = 0..31.
-_X2N = [1 << 30]
-for _ in range(31):
-    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
-
-
-def _crc32_combine(crc1: int, crc2: int, length2: int) -> int:
-    """The CRC-32 of A + B from crc(A), crc(B) and len(B)."""
-    p, k = 1 << 31, 3  # x^0; multiplying by x^(8 n) shifts crc1 past n bytes
-    while length2:
-        if length2 & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        length2 >>= 1
-        k += 1
-    return _multmodp(p, crc1) ^ crc2
-
-
-def _adler32_combine(adler1: int, adler2: int, length2: int) -> int:
-    """The Adler-32 of A + B from adler(A), adler(B) and len(B)."""
-    a1, b1 = adler1 & 0xFFFF, adler1 >> 16
-    a2, b2 = adler2 & 0xFFFF, adler2 >> 16
-    a = (a1 + a2 - 1) % _ADLER_BASE
-    b = (b1 + b2 + length2 * (a1 - 1)) % _ADLER_BASE
-    return a | b << 16
-
-
 K = TypeVar("K", bound=Hashable)
 
 
@@ -443,7 +357,7 @@ _FAMILIES = _DAEMON + 1
 class _Body:
     """The portscan_* part of a body, as blocks; joined and compressed when first asked for."""
 
-    blocks: tuple[_Block, ...]
+    blocks: tuple[Block, ...]
     joined: bytes | None = None
     # coding -> (header and every block compressed, checksum of the text, its length)
     compressed: dict[str, tuple[bytes, int, int]] = field(default_factory=dict)
@@ -453,31 +367,6 @@ class _Body:
 class _Rendered:
     snapshot: Snapshot
     body: _Body
-
-
-def _frame(coding: str, blocks: tuple[_Block, ...]) -> tuple[bytes, int, int]:
-    """(the coding's header and the compressed blocks, checksum of their text, its length)."""
-    gzip = coding == "gzip"
-    check, size = (0 if gzip else 1), 0  # the checksums of nothing
-    for block in blocks:
-        if gzip:
-            check = _crc32_combine(check, block.crc32(), len(block.data))
-        else:
-            check = _adler32_combine(check, block.adler32(), len(block.data))
-        size += len(block.data)
-    head = b"".join([CODINGS[coding], *(block.deflated() for block in blocks)])
-    return head, check, size
-
-
-def _finish(coding: str, framed: tuple[bytes, int, int], tail: bytes) -> bytes:
-    """One stream: a framed head, then `tail` compressed to the end of the stream, the trailer."""
-    head, check, size = framed
-    last = zlib.compress(tail, zlib.Z_DEFAULT_COMPRESSION, -zlib.MAX_WBITS)
-    if coding == "gzip":
-        trailer = struct.pack("<II", zlib.crc32(tail, check), (size + len(tail)) & 0xFFFFFFFF)
-    else:
-        trailer = struct.pack(">I", zlib.adler32(tail, check))
-    return b"".join((head, last, trailer))
 
 
 class SnapshotExposition:
@@ -515,7 +404,7 @@ class SnapshotExposition:
         self._daemon = ""
         # The body last rendered, as (first family, family past the last, block) runs, and
         # the families whose text changed since (kept until a render ends, should one fail).
-        self._runs: list[tuple[int, int, _Block]] = []
+        self._runs: list[tuple[int, int, Block]] = []
         self._dirty: set[int] = set()
         # The last snapshot rendered and its body; replaced as a whole, so a reader without
         # the lock sees a body that matches its snapshot.
@@ -582,7 +471,7 @@ class SnapshotExposition:
                 joined = self._joined(body)
                 bodies[coding] = joined + process if process else joined
             else:
-                bodies[coding] = _finish(coding, self._framed(body, coding), process)
+                bodies[coding] = finish(coding, self._framed(body, coding), process)
         return bodies
 
     def _process_part(self) -> bytes:
@@ -603,7 +492,7 @@ class SnapshotExposition:
             with self._lock:  # one compression at a time, and once per body
                 framed = body.compressed.get(coding)
                 if framed is None:
-                    framed = body.compressed[coding] = _frame(coding, body.blocks)
+                    framed = body.compressed[coding] = frame(coding, body.blocks)
         return framed
 
     def _rendered(self) -> _Rendered:
@@ -686,7 +575,7 @@ class SnapshotExposition:
         if not self._runs:  # the first render: every family changed, one run
             self._runs = self._make_runs(list(range(_FAMILIES)), dirty)
             return
-        runs: list[tuple[int, int, _Block]] = []
+        runs: list[tuple[int, int, Block]] = []
         broken: list[int] = []  # families of broken runs, adjacent
         for start, stop, block in self._runs:
             if dirty.isdisjoint(range(start, stop)):
@@ -698,13 +587,13 @@ class SnapshotExposition:
         runs.extend(self._make_runs(broken, dirty))
         self._runs = runs
 
-    def _make_runs(self, families: list[int], dirty: set[int]) -> list[tuple[int, int, _Block]]:
+    def _make_runs(self, families: list[int], dirty: set[int]) -> list[tuple[int, int, Block]]:
         """New blocks for adjacent `families`: one per run that changed or did not."""
         runs = []
         for _, group in groupby(families, key=dirty.__contains__):
             members = list(group)
             start, stop = members[0], members[-1] + 1
-            runs.append((start, stop, _Block(self._text(start, stop))))
+            runs.append((start, stop, Block(self._text(start, stop))))
         return runs
 
     def _text(self, start: int, stop: int) -> bytes:
