@@ -30,16 +30,16 @@ whose view did not change, and little for the families none of whose lines chang
   the rest are blocks that stay.
 - Compression, per block. A block is compressed on its own (raw deflate from a fresh
   compressor, ended by a sync flush, so that it refers to nothing before it; see
-  `deflate_blocks`) the first time
-  a compressed scrape needs it, and the result is kept with the block, with its CRC-32 or
-  Adler-32. A gzip or deflate body is then the coding's header, the kept compressed blocks,
-  the process part compressed to the end of the stream, and the trailer: the checksum of
-  the whole text, combined from those of its blocks as zlib combines them, and for gzip its
-  length. One well-formed stream, of which a new snapshot costs only its new blocks. Blocks
-  above FAST_ABOVE bytes are compressed at zlib level 1 rather than the default 6: the
-  21 MB block of a large fleet then takes some 55 ms rather than 185 ms, for 13% more bytes.
-  Each compression or checksum of a large buffer lets go of the interpreter and has to wait
-  for it again when the daemon is busy, so fewer, larger blocks also mean fewer such waits.
+  `deflate_blocks`) the first time a compressed scrape needs it, and the result is kept with
+  the block, with its CRC-32 or Adler-32. A gzip or deflate body is then the coding's
+  header, the kept compressed blocks, the process part compressed to the end of the stream,
+  and the trailer: the checksum of the whole text, combined from those of its blocks as zlib
+  combines them, and for gzip its length. One well-formed stream, of which a new snapshot
+  costs only its new blocks. Blocks above FAST_ABOVE bytes are compressed at zlib level 1
+  rather than the default 6: the 21 MB block of a large fleet then takes some 55 ms rather
+  than 185 ms, for 13% more bytes. Each compression or checksum of a large buffer lets go of
+  the interpreter and has to wait for it again when the daemon is busy, so fewer, larger
+  blocks also mean fewer such waits.
 
 A busy scrape target is also scraped far more often than its snapshot changes (several
 Prometheus replicas, federation, people with curl). So the portscan_* part is rendered once
