@@ -1,4 +1,4 @@
-"""TCP connect scan of one host.
+"""TCP connect scan of a host.
 
 Theory of operation
 -------------------
@@ -8,10 +8,24 @@ error (filtered), or nothing within our timeout (unanswered: retried, then filte
 
 Per-port cost decides how long a full 1-65535 scan takes. An asyncio `sock_connect` per port
 costs a future, a task step and a writer registration on the event loop (~100 us here). So
-the sockets of one host scan are registered in a private epoll set instead, and only that
-epoll descriptor is registered with the event loop: one readiness callback reports a whole
-batch of finished handshakes, and one timer (armed at the earliest deadline) expires a batch
-of unanswered ones. Deadlines sit in a heap with lazy deletion.
+probe sockets are registered in a private epoll set instead, and only that epoll descriptor
+is registered with the event loop: one readiness callback reports a whole batch of finished
+handshakes, and one timer (armed just after the earliest deadline) expires a batch of
+unanswered ones.
+
+Scanning a fleet, that machinery is shared: every host being scanned uses one
+`ProbeEngine` (exporter.scanner.engine), with one epoll set, one deadline heap and timer, and
+one global window of probes in flight (`scan.max_probes`) handed out fairly between hosts.
+Per-host setup is then a queue and a few counters, and names that are IP literals skip the
+resolver (getaddrinfo is a thread-pool round trip even for "10.0.0.1"). What stays per host,
+in `ConnectScan`: the queue of ports, tries, results, the RTT estimate, the window below, and
+the politeness limits `concurrency` and `rate`, which bound what one target sees.
+
+Each host's window (its probes in flight) follows Little's law: the throughput we aim at
+times how long a probe holds its slot. Answered probes free their slot at once, so a host
+that answers everything needs few (and more only costs kernel time: every socket in flight is
+a bound ephemeral port); a host that drops probes holds each slot for a whole timeout and gets
+up to `concurrency`, as far as the global window and the other hosts' shares allow.
 
 Accuracy rules:
 - An open port is one whose handshake completed *with the target*: on loopback a socket
@@ -23,6 +37,16 @@ Accuracy rules:
   then costs time, not correctness.
 - Probe sockets are closed with SO_LINGER {1, 0}: an RST, no TIME_WAIT, so a full-range scan
   does not exhaust ephemeral ports or leave 65k sockets behind.
+- A probe still in SYN_SENT at its deadline may have had an ICMP error, which the kernel
+  keeps as a soft error without waking epoll: SO_ERROR tells it.
+- A refused attempt's socket is reused for the next probe (connect() again on it), of this
+  host or another: the connect() that read the refusal reset it (no local address, port or
+  route kept). What does stay (a link-local scope's interface, the IPv4 internals taken on
+  for a v4-mapped address) decides which pool a socket goes back to.
+- Local shortages (no descriptors, no ephemeral ports, no memory) put the port back without
+  counting an attempt and shrink the host's window; one that persists with nothing in flight
+  fails the scan instead of retrying forever (connect() to ::1 where IPv6 is disabled says
+  EADDRNOTAVAIL forever).
 """
 
 from __future__ import annotations
@@ -30,30 +54,27 @@ from __future__ import annotations
 import _socket
 import asyncio
 import errno
-import heapq
 import os
-import select
 import socket
 import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from exporter.model import ScanResult
-from exporter.scanner.budget import ProbeBudget
+from exporter.scanner.engine import EPOLL_EVENTS, HELD_WEIGHT, Probe, ProbeEngine
 from exporter.scanner.timing import DEFAULT_MIN_TIMEOUT, RttEstimator
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 _REFUSED = frozenset({errno.ECONNREFUSED, errno.ECONNRESET})
-_ECONNREFUSED = errno.ECONNREFUSED
-_HELD_WEIGHT = 1 / 32  # of the newest sample in the moving average of slot hold times
+_EINPROGRESS = errno.EINPROGRESS
 # Transient local shortages: the probe never left this machine, so it is put back in the
 # queue without counting as an attempt, and the window shrinks.
 _LOCAL_SHORTAGE = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL, errno.EAGAIN}
 )
-_EPOLL_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _SOL_SOCKET = socket.SOL_SOCKET
 
@@ -90,12 +111,12 @@ class ScanOptions:
             raise ValueError("rate must be >= 0")
 
 
-# (port, socket, started): a tuple is the cheapest record to build 65,535 times.
-_Probe = tuple[int, _socket.socket, float]
-
-
 class ConnectScan:
-    """The probes of one host scan, driven by event-loop callbacks. Use `run()` once."""
+    """The probes of one host scan, launched and concluded by a `ProbeEngine`.
+
+    Use `run()` once. The engine reads and updates `in_flight`, `held`, `closed`, `idle` and
+    `rtt` directly in its readiness loop, the hottest path of a scan.
+    """
 
     def __init__(
         self,
@@ -103,34 +124,25 @@ class ConnectScan:
         sockaddr: tuple[object, ...],
         ports: Iterable[int],
         options: ScanOptions,
-        budget: ProbeBudget | None = None,
+        engine: ProbeEngine,
     ) -> None:
         self._family = family
         self._sockaddr_tail = tuple(sockaddr[2:])  # IPv6 flowinfo and scope id
         self._address = sockaddr[0]
         self._options = options
-        self._budget = budget
+        self._engine = engine
         self._queue: deque[int] = deque(dict.fromkeys(ports))
         self.ports_scanned = len(self._queue)
         self._tries: dict[int, int] = {}
-        self._inflight: dict[int, _Probe] = {}
-        self._idle: list[_socket.socket] = []  # failed attempts' sockets, reusable
-        self._deadlines: list[tuple[float, int, list[_Probe]]] = []
-        self._seq = 0
-        # The window (probes in flight) follows Little's law: the throughput we can drive
-        # times how long a probe holds its slot. Answered probes free their slot at once,
-        # so a host that answers everything needs few (and more only costs kernel time:
-        # every socket in flight is a bound ephemeral port); a host that drops probes holds
-        # each slot for a whole timeout and gets up to `concurrency`.
-        self._held = 0.0  # moving average of the seconds a probe holds its slot
+        self.in_flight = 0  # probes holding a slot of the engine's global window
+        # Refused attempts' sockets, this host's and the others', shared through the engine.
+        self.idle = engine.spares(family, sockaddr)
+        self.held = 0.0  # moving average of the seconds a probe holds its slot
         self._cap = options.concurrency  # lowered for a while after a local shortage
         self._window = min(MIN_WINDOW, options.concurrency)
-        self._granted = 0
         self._next_send = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
-        self._fill_scheduled = False
-        self._rate_wait = False
+        self._paused = False  # waiting for the rate limit or a shortage's retry delay
+        self._resume_handle: asyncio.TimerHandle | None = None
         self.rtt = RttEstimator(ceiling=options.timeout, floor=options.min_timeout)
         self.open: list[int] = []
         self.closed: list[int] = []
@@ -142,79 +154,42 @@ class ConnectScan:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
-        self._poller = select.epoll()
-        self._loop.add_reader(self._poller.fileno(), self._on_ready)
+        engine = self._engine
+        engine.attach(self)
         try:
-            self._fill()
-            self._check_done()
+            engine.request(self)
+            self.check_done()
             await self._done
         finally:
-            self._teardown()
+            if self._resume_handle is not None:
+                self._resume_handle.cancel()
+            engine.detach(self)
 
-    # -- launching -------------------------------------------------------------------------
+    # -- what the engine's budget asks ------------------------------------------------------
 
-    def _take_slot(self) -> bool:
-        assert self._budget is not None
-        if self._granted:
-            self._granted -= 1
-            return True
-        if self._budget.try_acquire():
-            return True
-        self._budget.wait(self._on_grant)
-        return False
+    def wants(self) -> bool:
+        return bool(self._queue) and self.in_flight < self._window and not self._paused
 
-    def _give_back_slot(self) -> None:
-        if self._budget is not None:
-            self._budget.release()
-
-    def _on_grant(self) -> bool:
-        self._granted += 1
-        self._schedule_fill()
-        return self._wants_more()
-
-    def _wants_more(self) -> bool:
-        return (
-            len(self._queue) > self._granted and len(self._inflight) + self._granted < self._window
-        )
-
-    def _return_unused_grants(self) -> None:
-        if self._budget is None or not self._granted or self._queue:
-            return
-        self._budget.cancel(self._on_grant)
-        while self._granted:
-            self._granted -= 1
-            self._budget.release()
-
-    def _schedule_fill(self) -> None:
-        if not self._fill_scheduled:
-            self._fill_scheduled = True
-            self._loop.call_soon(self._scheduled_fill)
-
-    def _scheduled_fill(self) -> None:
-        self._fill_scheduled = False
-        self._fill()
-        self._check_done()
-
-    def _fill(self) -> None:
+    def launch(self, slots: int) -> int:
+        """Start up to `slots` probes, as this host's window and rate allow; return how many
+        are now in flight (probes that ended inside connect() hold no slot)."""
+        room = min(slots, self._update_window() - self.in_flight)
+        if room <= 0 or self._paused:
+            return 0
         # The hot path: one iteration per probe. Locals and a tuple per probe keep the
         # interpreter's share of a full-range scan below the kernel's.
-        queue, inflight, window = self._queue, self._inflight, self._update_window()
-        rate, budget = self._options.rate, self._budget
+        queue, rate, loop = self._queue, self._options.rate, self._loop
         family, address, tail = self._family, self._address, self._sockaddr_tail
-        register, deadlines, idle = self._poller.register, self._deadlines, self._idle
-        now = self._loop.time()
-        batch: list[_Probe] = []
-        while queue and len(inflight) < window:
+        engine, idle = self._engine, self.idle
+        register, probes = engine.register, engine.probes
+        now = loop.time()
+        batch: list[Probe] = []
+        while queue and len(batch) < room:
             if rate:
-                now = self._loop.time()
+                now = loop.time()
                 if now < self._next_send:
-                    if not self._rate_wait:
-                        self._rate_wait = True
-                        self._loop.call_at(self._next_send, self._rate_resume)
+                    self._pause(self._next_send)
                     break
-            if budget is not None and not self._take_slot():
-                break
-            if rate:
                 # A few ms of catch-up so timer granularity does not cap the rate.
                 self._next_send = max(now - 0.005, self._next_send) + 1.0 / rate
             port = queue.popleft()
@@ -225,52 +200,50 @@ class ConnectScan:
                 try:
                     sock = _socket.socket(family, _STREAM_NONBLOCK)
                 except OSError as exc:
-                    self._give_back_slot()
                     self._local_shortage(port, exc.errno)
                     break
                 registered = False
-            err = sock.connect_ex((address, port, *tail))
+            sockaddr: tuple[Any, ...] = (address, port, *tail)
+            err = sock.connect_ex(sockaddr)
             self.probes_sent += 1
-            probe = (port, sock, now)
-            if err == errno.EINPROGRESS:
+            if err == _EINPROGRESS:
                 fd = sock.fileno()
-                inflight[fd] = probe
-                self._stalls = 0
                 if not registered:
-                    register(fd, _EPOLL_EVENTS)
+                    register(fd, EPOLL_EVENTS)
+                probe = (self, sockaddr, sock, now)
+                probes[fd] = probe
                 batch.append(probe)
+                self._stalls = 0
             elif err in _LOCAL_SHORTAGE:
                 sock.close()
                 self.probes_sent -= 1
-                self._give_back_slot()
                 self._local_shortage(port, err)
                 break
             else:
-                if not registered:  # _conclude may hand it back to `idle` for reuse
-                    register(sock.fileno(), _EPOLL_EVENTS)
+                if not registered:  # conclude() may keep it in `idle` for reuse
+                    register(sock.fileno(), EPOLL_EVENTS)
                 # Loopback handshakes can finish inside connect(); 0 then means connected.
-                self._conclude(probe, err, self._loop.time())
+                self.conclude(port, sock, now, err, loop.time())
         if batch:
-            # One heap entry per round, not per probe: most probes finish long before it.
-            deadline = self._loop.time() + self.rtt.timeout
-            self._seq += 1
-            heapq.heappush(deadlines, (deadline, self._seq, batch))
-            self._arm_timer(deadline)
-        # Sockets not reused in this round are closed (which also drops them from the
-        # epoll set): an idle socket in CLOSE state would be reported ready forever.
-        for sock in idle:
-            sock.close()
-        idle.clear()
-        self._return_unused_grants()
+            self.in_flight += len(batch)
+            # One deadline per round, not per probe: most probes finish long before it.
+            engine.expire_at(loop.time() + self.rtt.timeout, self, batch)
+        self.check_done()
+        return len(batch)
 
-    def _rate_resume(self) -> None:
-        self._rate_wait = False
-        self._scheduled_fill()
+    def _pause(self, until: float) -> None:
+        self._paused = True
+        self._resume_handle = self._loop.call_at(until, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._resume_handle = None
+        self._engine.request(self)
 
     def _local_shortage(self, port: int, err: int | None) -> None:
         # A shortage that persists with nothing in flight is no shortage: EADDRNOTAVAIL is
         # also what connect() says, forever, to ::1 where IPv6 is disabled.
-        if not self._inflight:
+        if not self.in_flight:
             self._stalls += 1
         if err not in _LOCAL_SHORTAGE or self._stalls > MAX_STALLS:
             self._queue.clear()
@@ -281,50 +254,27 @@ class ConnectScan:
         self.local_shortages += 1
         self._queue.appendleft(port)
         # Keep what is in flight going; with nothing in flight, retry shortly.
-        self._cap = self._window = max(1, len(self._inflight))
-        if not self._inflight:
-            self._loop.call_later(STALL_RETRY_SECONDS, self._schedule_fill)
+        self._cap = self._window = max(1, self.in_flight)
+        if not self.in_flight:
+            self._pause(self._loop.time() + STALL_RETRY_SECONDS)
 
     # -- completions -----------------------------------------------------------------------
 
-    def _on_ready(self) -> None:
-        now = self._loop.time()
-        inflight, conclude = self._inflight, self._conclude
-        address, tail = self._address, self._sockaddr_tail
-        closed, idle = self.closed, self._idle
-        held, refused, started = self._held, 0, now
-        for fd, _events in self._poller.poll(0):
-            port, sock, started = probe = inflight[fd]
-            # A second connect() on a finished attempt returns its outcome (and, when the
-            # attempt failed, readies the socket for the next port): one syscall instead
-            # of getsockopt(SO_ERROR) + close() + socket() + epoll_ctl().
-            err = sock.connect_ex((address, port, *tail))
-            if err == _ECONNREFUSED:
-                # The common case, inlined: a closed port; its socket is reused.
-                del inflight[fd]
-                closed.append(port)
-                idle.append(sock)
-                held += (now - started - held) * _HELD_WEIGHT
-                refused += 1
-            elif err != errno.EALREADY:  # EALREADY: not finished after all
-                del inflight[fd]
-                conclude(probe, err, now)
-        if refused:
-            self._held = held
-            self.rtt.observe(now - started)  # one sample per round is plenty
-            if self._budget is not None:
-                for _ in range(refused):
-                    self._budget.release()
-        self._fill()
-        self._check_done()
-
-    def _conclude(self, probe: _Probe, err: int, now: float, *, reusable: bool = True) -> None:
-        """Record how one handshake ended and free its socket and slot.
+    def conclude(
+        self,
+        port: int,
+        sock: _socket.socket,
+        started: float,
+        err: int,
+        now: float,
+        *,
+        reusable: bool = True,
+    ) -> None:
+        """Record how one handshake ended and free its socket (its slot is the caller's).
 
         `err` is what connect() said when asked again: 0 (or EISCONN) for a completed
         handshake, ETIMEDOUT for no answer, else the error that ended the attempt.
         """
-        port, sock, started = probe
         if err == 0 or err == errno.EISCONN:
             self.rtt.observe(now - started)
             if self._connected_to_itself(sock):
@@ -348,16 +298,15 @@ class ConnectScan:
                 self.filtered.append(port)
             if reusable:
                 # The failed attempt left the socket unconnected and still in the epoll set.
-                self._idle.append(sock)
+                self.idle.append(sock)
             else:
                 sock.close()
-        self._give_back_slot()
-        self._held += (now - started - self._held) * _HELD_WEIGHT
+        self.held += (now - started - self.held) * HELD_WEIGHT
         if self._cap < self._options.concurrency:
             self._cap += 1  # regrow after a local shortage shrank it
 
     def _update_window(self) -> int:
-        self._window = min(self._cap, max(MIN_WINDOW, int(self._held * PROBES_PER_SECOND)))
+        self._window = min(self._cap, max(MIN_WINDOW, int(self.held * PROBES_PER_SECOND)))
         return self._window
 
     @staticmethod
@@ -376,71 +325,65 @@ class ConnectScan:
             self._tries[port] = tries
             self._queue.append(port)
 
-    # -- deadlines -------------------------------------------------------------------------
-
-    def _arm_timer(self, deadline: float) -> None:
-        if self._timer is None or deadline < self._timer_when:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_when = deadline
-            self._timer = self._loop.call_at(deadline, self._on_deadline)
-
-    def _on_deadline(self) -> None:
-        self._timer = None
-        # Answers that already arrived win over the clock.
-        self._on_ready()
-        now = self._loop.time()
-        deadlines, inflight = self._deadlines, self._inflight
-        address, tail = self._address, self._sockaddr_tail
-        while deadlines and deadlines[0][0] <= now:
-            _, _, batch = heapq.heappop(deadlines)
-            for probe in batch:
-                port, sock, _ = probe
-                fd = sock.fileno()
-                if fd < 0 or inflight.get(fd) is not probe:
-                    continue  # concluded already
-                del inflight[fd]
-                err = sock.connect_ex((address, port, *tail))
-                if err == errno.EALREADY:
-                    # Still in SYN_SENT. An ICMP error (port/host unreachable) is only a
-                    # "soft" error there: the kernel keeps retrying and never wakes epoll,
-                    # but SO_ERROR reports it.
-                    err = sock.getsockopt(_SOL_SOCKET, socket.SO_ERROR) or errno.ETIMEDOUT
-                    self._conclude(probe, err, now, reusable=False)
-                else:
-                    self._conclude(probe, err, now)
-        if deadlines:
-            self._arm_timer(deadlines[0][0])
-        self._fill()
-        self._check_done()
-
-    # -- end -------------------------------------------------------------------------------
-
-    def _check_done(self) -> None:
-        if not self._queue and not self._inflight and not self._done.done():
+    def check_done(self) -> None:
+        if not self._queue and not self.in_flight and not self._done.done():
             self._done.set_result(None)
 
-    def _teardown(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._budget is not None:
-            self._budget.cancel(self._on_grant)
-            for _ in range(self._granted):
-                self._budget.release()
-            self._granted = 0
-        for _, sock, _ in self._inflight.values():
-            sock.close()
-            self._give_back_slot()
-        self._inflight.clear()
-        for sock in self._idle:
-            sock.close()
-        self._idle.clear()
-        self._loop.remove_reader(self._poller.fileno())
-        self._poller.close()
+
+# -- addresses --------------------------------------------------------------------------------
+
+
+def _scope_by_name(packed: bytes) -> bool:
+    # getaddrinfo (glibc) takes an interface name as the scope of link-local unicast and of
+    # node- and link-local multicast addresses only; a number, for any IPv6 address.
+    return (packed[0] == 0xFE and packed[1] & 0xC0 == 0x80) or (
+        packed[0] == 0xFF and packed[1] & 0x0F in (1, 2)
+    )
+
+
+def ip_literal(host: str) -> tuple[socket.AddressFamily, tuple[object, ...]] | None:
+    """`host` as getaddrinfo would return it when it is a plain IPv4 or IPv6 literal (an
+    IPv6 one may carry a %scope); None for anything else, names included.
+
+    Forms only getaddrinfo knows ("127.1", "0x7f.0.0.1", "01.2.3.4") are left to it.
+    """
+    address, percent, scope = host.partition("%")
+    try:
+        if not percent:
+            try:
+                packed = socket.inet_pton(socket.AF_INET, host)
+            except OSError:
+                pass
+            else:
+                return socket.AF_INET, (socket.inet_ntop(socket.AF_INET, packed), 0)
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):
+        return None
+    scope_id = 0
+    if percent:
+        if scope.isascii() and scope.isdigit():
+            scope_id = int(scope)
+            if scope_id > 0xFFFF_FFFF:
+                return None
+        elif _scope_by_name(packed):
+            try:
+                scope_id = socket.if_nametoindex(scope)
+            except (OSError, ValueError):
+                return None
+        else:
+            return None
+    return socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, packed), 0, 0, scope_id)
 
 
 async def resolve(host: str) -> tuple[socket.AddressFamily, tuple[object, ...]]:
-    """The first TCP address of `host`, in the system resolver's preference order."""
+    """The first TCP address of `host`, in the system resolver's preference order.
+
+    An IP literal is parsed here: the resolver would only parse it too, after a round trip
+    through the thread pool.
+    """
+    literal = ip_literal(host)
+    if literal is not None:
+        return literal
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     for family, _type, _proto, _name, sockaddr in infos:
@@ -454,13 +397,17 @@ async def scan_host(
     ports: Iterable[int],
     options: ScanOptions | None = None,
     *,
-    budget: ProbeBudget | None = None,
+    engine: ProbeEngine | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ScanResult:
     """Scan `ports` of `host` (a name or an IP literal), resolving the name now.
 
+    `engine` is the probe engine shared with the other hosts being scanned; without one the
+    scan gets its own, whose global window is the host's concurrency.
+
     Never raises for the target's behaviour: a name that does not resolve gives a failed
-    result with `error` set. Cancelling the awaiting task closes every probe socket.
+    result with `error` set. Cancelling the awaiting task closes every probe socket of this
+    scan and returns its slots; other scans on the same engine go on.
     """
     options = options or ScanOptions()
     port_list = list(ports)
@@ -479,7 +426,9 @@ async def scan_host(
             answered=False,
             error=f"cannot resolve {host}: {reason}",
         )
-    scan = ConnectScan(family, sockaddr, port_list, options, budget)
+    if engine is None:
+        engine = ProbeEngine(options.concurrency)
+    scan = ConnectScan(family, sockaddr, port_list, options, engine)
     try:
         await scan.run()
     except OSError as exc:
