@@ -578,9 +578,10 @@ def _levels_of_aliases(levels: int = 9, fan_out: int = 9) -> str:
     return "[" + ",\n  ".join(parts) + "]"
 
 
-def _load_bounded(path: Path, seconds: float = 2.0, megabytes: int = 64) -> ConfigError:
+def _load_bounded(path: Path, seconds: float = 5.0, megabytes: int = 64) -> ConfigError:
     """The ConfigError of loading `path`, checked to come within `seconds` and to allocate at
-    most `megabytes` at its peak."""
+    most `megabytes` at its peak (tracemalloc slows the load; the machine may be busy: the
+    bound is there to catch minutes, not to time it)."""
     tracemalloc.start()
     started = time.perf_counter()
     try:
