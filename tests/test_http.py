@@ -37,7 +37,7 @@ from exporter.model import HostScan, ScanResult, ServiceIdentity, TLSInfo, descr
 from exporter.state import HostState, step
 from exporter.store import History, Store
 from exporter.web.app import build_app
-from exporter.web.jsonview import fingerprint_to_json
+from exporter.web.jsonview import HostsDocument, fingerprint_to_json, host_to_json
 from exporter.web.listen import ListenError, parse_listen_address, start_server
 from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition
 from exporter.web.status_page import ago, short_duration, until
@@ -1020,3 +1020,27 @@ async def test_any_address_listens_on_one_port_for_both_families(
 def test_telemetry_path_must_be_absolute(control: LabControl, registry: CollectorRegistry) -> None:
     with pytest.raises(ValueError, match="must start with '/'"):
         build_app(control, exposition(control, registry), telemetry_path="metrics")
+
+
+def test_the_hosts_document_is_what_encoding_every_host_anew_gives(
+    lab: Lab, control: LabControl
+) -> None:
+    """/api/v1/hosts keeps each host's text while its view is the same object: whatever the
+    time of the request, a view replaced, or a banner that reads like the document's own
+    stand-ins, the body is byte for byte `json.dumps` of every host encoded anew."""
+    document = HostsDocument()
+
+    def expected(views: tuple[HostView, ...], now: float) -> bytes:
+        return json.dumps({"hosts": [host_to_json(view, now) for view in views]}).encode()
+
+    views = control.snapshot.hosts
+    assert any(view.state.last_scan is None for view in views)  # never scanned: no age
+    for now in (NOW, NOW + 0.25, NOW + 86400.5, NOW - 1e6):
+        assert document.render(views, now) == expected(views, now)
+    # One host scanned again, with a banner that is exactly the age stand-in's text.
+    lab.scan("mail.example.test", 10, {25: ServiceIdentity("smtp", banner="\0age\0")})
+    control.publish()
+    changed = control.snapshot.hosts
+    assert document.render(changed, NOW + 7) == expected(changed, NOW + 7)
+    assert document.render(views, NOW + 9) == expected(views, NOW + 9)
+    assert document.render((), NOW) == b'{"hosts": []}'

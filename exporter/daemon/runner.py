@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import random
 import threading
 from dataclasses import replace
@@ -183,6 +184,10 @@ class Daemon:
         await self._apply_config(config, scan_fn, self._clock.now(), stored=stored)
         self._ready = True
         self._publish()
+        # What start-up loaded (config, signatures, every host's state) lives as long as the
+        # daemon: out of the collector's generations, so that full collections do not walk
+        # a large fleet's objects again and again.
+        gc.freeze()
         log.info(
             "started",
             hosts=len(config.hosts),

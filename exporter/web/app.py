@@ -34,7 +34,7 @@ from exporter.daemon.snapshot import Control
 from exporter.durations import DurationError, parse_point_in_time
 from exporter.state import AcceptRefused
 from exporter.web.guard import GUARD, Guard, error_response, guard_middleware
-from exporter.web.jsonview import history_to_json, host_to_json
+from exporter.web.jsonview import HostsDocument, history_to_json, host_to_json
 from exporter.web.metrics import CONTENT_TYPE, SnapshotExposition, negotiate
 from exporter.web.status_page import render_status_page
 from exporter.web.webconfig import WebConfig
@@ -75,6 +75,7 @@ class _Endpoints:
         self.telemetry_path = telemetry_path
         self.guard = guard
         self.clock = clock
+        self.hosts_document = HostsDocument()
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -138,9 +139,8 @@ class _Endpoints:
     async def hosts(self, request: web.Request) -> web.StreamResponse:
         snapshot = self.control.snapshot
         now = self.clock()
-        return await _json_in_thread(
-            lambda: {"hosts": [host_to_json(view, now) for view in snapshot.hosts]}
-        )
+        body = await asyncio.to_thread(self.hosts_document.render, snapshot.hosts, now)
+        return web.Response(body=body, content_type="application/json")
 
     async def host(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["host"]
