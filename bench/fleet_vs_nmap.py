@@ -536,18 +536,38 @@ class DaemonRound:
         return None if self.first_start is None else self.first_start - self.spawned
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the daemon and its scanner processes)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in Path(f"/proc/{tree[index]}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                tree.extend(int(child) for child in task.read_text().split())
+        index += 1
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    # Fields after the parenthesised command name start at field 3 (state); utime and stime
-    # are fields 14 and 15, in clock ticks, all threads included.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of the daemon and its scanner processes, living and reaped."""
+    ticks = 0
+    for member in process_tree(pid):
+        # Fields after the parenthesised command name start at field 3 (state); utime,
+        # stime, cutime and cstime are fields 14 to 17, in clock ticks, all threads included.
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak resident memory of the daemon plus that of each of its scanner processes."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total / 1024
 
 
 def wait_round(

@@ -95,6 +95,7 @@ class HostSpec:
 class ScanSettings:
     max_concurrent_hosts: int
     max_probes: int
+    processes: int  # scanner processes; 0: one per usable CPU
     # Exactly one of the two is set: jitter as a fraction of the interval, or fixed seconds.
     jitter_fraction: float | None
     jitter_seconds: float | None
@@ -260,7 +261,8 @@ TARGET_FIELDS: Mapping[str, Field] = {
 }
 SCAN_FIELDS: Mapping[str, Field] = {
     "max_concurrent_hosts": Field(integer(1, 4096), "64", "hosts scanned at the same time"),
-    "max_probes": Field(integer(1, 1_048_576), "4096", "global cap on probes in flight"),
+    "max_probes": Field(integer(1, 1_048_576), "16384", "global cap on probes in flight"),
+    "processes": Field(integer(0, 64), "0", "scanner processes; 0 = one per usable CPU"),
     "jitter": Field(value(_jitter), "10%", "spread of scan times: 10% of interval, or 30s"),
     "max_hosts": Field(integer(1, MAX_HOSTS), "65536", "most hosts all targets expand to"),
 }
@@ -553,6 +555,7 @@ def parse_config(text: str, path: str | Path, *, check_paths: bool = False) -> C
         scan=ScanSettings(
             max_concurrent_hosts=scan["max_concurrent_hosts"].value,
             max_probes=scan["max_probes"].value,
+            processes=scan["processes"].value,
             jitter_fraction=jitter_fraction,
             jitter_seconds=jitter_seconds,
             max_hosts=scan["max_hosts"].value,

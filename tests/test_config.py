@@ -165,7 +165,8 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         source=f"{FIXTURES / 'good' / 'minimal.yaml'}:2",
     )
     assert config.scan.max_concurrent_hosts == 64
-    assert config.scan.max_probes == 4096
+    assert config.scan.max_probes == 16384
+    assert config.scan.processes == 0
     assert (config.scan.jitter_fraction, config.scan.jitter_seconds) == (0.1, None)
     assert config.scan.max_hosts == 65536
     assert config.fingerprint.enabled is True
@@ -821,6 +822,7 @@ RANGES = [
     ("defaults", "confirm_after", "0s", "30d", "-1", "31d"),
     ("scan", "max_concurrent_hosts", "1", "4096", "0", "4097"),
     ("scan", "max_probes", "1", "1048576", "0", "1048577"),
+    ("scan", "processes", "0", "64", "-1", "65"),
     ("scan", "jitter", "0s", "365d", "-1s", "366d"),
     ("scan", "max_hosts", "1", "262144", "0", "262145"),
     ("fingerprint", "timeout", "10ms", "10m", "9ms", "601s"),

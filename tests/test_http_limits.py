@@ -26,6 +26,7 @@ from exporter.scanner.limits import (
     RESERVED_DESCRIPTORS,
     probes_that_fit,
 )
+from exporter.scanner.processes import SCANNER_RESERVED_DESCRIPTORS
 from exporter.web.app import build_app
 from exporter.web.connections import (
     HEADER_TIMEOUT_SECONDS,
@@ -271,19 +272,22 @@ import json, resource, sys
 from types import SimpleNamespace
 from exporter.daemon.pipeline import _probe_limit
 
-limit, max_probes, concurrency = map(int, sys.argv[1:])
+limit, max_probes, concurrency, processes = map(int, sys.argv[1:])
 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 config = SimpleNamespace(
     scan=SimpleNamespace(max_probes=max_probes),
     fingerprint=SimpleNamespace(enabled=True, concurrency=concurrency),
 )
-print(json.dumps({"allowed": _probe_limit(config)}))
+print(json.dumps({"allowed": _probe_limit(config, processes)}))
 """
 
 
-def probe_limit_under(limit: int, max_probes: int, concurrency: int) -> tuple[int, str]:
+def probe_limit_under(
+    limit: int, max_probes: int, concurrency: int, processes: int = 1
+) -> tuple[int, str]:
     """The daemon's probe budget in a process whose open-file limit is `limit` (soft and
-    hard, so it cannot be raised); returns it and what the process logged."""
+    hard, so it cannot be raised) with `processes` scanner processes; returns it and what
+    the process logged."""
     done = subprocess.run(
         [
             sys.executable,
@@ -292,6 +296,7 @@ def probe_limit_under(limit: int, max_probes: int, concurrency: int) -> tuple[in
             str(limit),
             str(max_probes),
             str(concurrency),
+            str(processes),
         ],
         capture_output=True,
         text=True,
@@ -309,6 +314,17 @@ def test_the_probe_budget_leaves_the_http_side_and_the_process_their_descriptors
     assert allowed == 2048 - HTTP_CONNECTIONS - HTTP_REFUSALS - RESERVED_DESCRIPTORS - 64
     assert "open-file limit too low for scan.max_probes, lowering it" in logged
     assert "5000" in logged and str(allowed) in logged
+
+
+def test_scanner_processes_each_get_their_part_of_the_probe_budget() -> None:
+    # Each scanner process has a descriptor table of its own under the same limit, and needs
+    # only its part of the window and a few descriptors besides.
+    allowed, logged = probe_limit_under(2048, 5000, 64, processes=2)
+    assert allowed == 2 * (2048 - SCANNER_RESERVED_DESCRIPTORS)
+    assert "open-file limit too low for scan.max_probes, lowering it" in logged
+    allowed, logged = probe_limit_under(2048, 3000, 64, processes=2)
+    assert allowed == 3000
+    assert "lowering" not in logged
 
 
 def test_a_probe_budget_that_fits_is_kept() -> None:

@@ -25,6 +25,7 @@ from exporter.model import PortState, ScanResult
 from exporter.scanner import ProbeEngine, ScanOptions, raise_fd_limit, scan_host
 from exporter.scanner.budget import ProbeBudget
 from exporter.scanner.connect import resolve
+from exporter.scanner.processes import InProcessScanner, ScannerProcesses
 from exporter.scanner.timing import RttEstimator
 from tests.lab import NetNS, listeners, requires_netns
 
@@ -664,19 +665,22 @@ def test_a_scan_of_an_ip_literal_never_asks_the_resolver() -> None:
 # -- the daemon's pipeline ---------------------------------------------------------------------
 
 
-def test_a_rebuilt_pipeline_keeps_its_engine_while_max_probes_is_unchanged() -> None:
-    def config(max_probes: int) -> Any:
+def test_a_rebuilt_pipeline_keeps_its_scanner_while_its_limits_are_unchanged() -> None:
+    def config(max_probes: int, processes: int = 1) -> Any:
         text = (
-            f"scan:\n  max_probes: {max_probes}\nfingerprint:\n  enabled: false\n"
-            "targets:\n  - host: 10.83.0.1\n"
+            f"scan:\n  max_probes: {max_probes}\n  processes: {processes}\n"
+            "fingerprint:\n  enabled: false\ntargets:\n  - host: 10.83.0.1\n"
         )
         return parse_config(text, "scanner-test.yaml")
 
     first = build_scan_pipeline(config(512), None)
-    assert first.engine.max_probes == 512
-    assert build_scan_pipeline(config(512), first).engine is first.engine
+    assert isinstance(first.scanner, InProcessScanner) and first.scanner.max_probes == 512
+    assert build_scan_pipeline(config(512), first).scanner is first.scanner
     changed = build_scan_pipeline(config(256), first)
-    assert changed.engine is not first.engine and changed.engine.max_probes == 256
+    assert changed.scanner is not first.scanner and changed.scanner.max_probes == 256
+    spread = build_scan_pipeline(config(256, processes=2), changed)
+    assert isinstance(spread.scanner, ScannerProcesses) and spread.scanner.count == 2
+    assert build_scan_pipeline(config(256, processes=2), spread).scanner is spread.scanner
 
 
 @requires_netns

@@ -26,6 +26,7 @@ def planner(fraction: float | None = 0.1, seconds: float | None = None) -> Plann
     settings = ScanSettings(
         max_concurrent_hosts=4,
         max_probes=4096,
+        processes=1,
         jitter_fraction=fraction,
         jitter_seconds=seconds,
         max_hosts=65536,

@@ -38,7 +38,13 @@ import structlog
 
 from exporter.config import Config, ConfigError, HostSpec, load_config
 from exporter.daemon.clock import Clock, SystemClock
-from exporter.daemon.pipeline import BuildScan, ScanFn, build_scan_pipeline
+from exporter.daemon.pipeline import (
+    BuildScan,
+    ScanFn,
+    build_scan_pipeline,
+    close_scan_step,
+    retire_scan_step,
+)
 from exporter.daemon.reporting import ScanReport, StoreHealth
 from exporter.daemon.schedule import DueTimes, Planner
 from exporter.daemon.snapshot import HostView, ReloadResult, ReloadStatus, Snapshot
@@ -87,6 +93,7 @@ class Daemon:
         # The operator's word that a lost store may start empty (--storage.relearn).
         self._relearn = relearn
         self._scan_fn: ScanFn | None = None  # built at start-up
+        self._retiring: set[asyncio.Task[None]] = set()  # scan steps a reload replaced
         self._clock = clock or SystemClock()
         self._planner = Planner(config.scan, rng or random.Random())
         self._store: Store | None = None
@@ -222,6 +229,9 @@ class Daemon:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+        for retiring in list(self._retiring):
+            retiring.cancel()
+        await close_scan_step(self._scan_fn)
         if self._writer is not None:
             await self._writer.close()
         if self._store is not None:
@@ -371,6 +381,10 @@ class Daemon:
         self._states = states
         self._schedule.replace_all(due)
         self._schedule.max_running = config.scan.max_concurrent_hosts
+        if self._scan_fn is not None and self._scan_fn is not scan_fn:
+            retiring = asyncio.create_task(retire_scan_step(self._scan_fn, scan_fn))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
         self._scan_fn = scan_fn
         self._planner = planner
         self._report.keep_only(wanted)

@@ -6,8 +6,9 @@ A host scan used to bring its own machinery: an epoll set registered with the ev
 deadline heap with its own timer, and sockets of its own. Scanning a fleet, that fixed cost
 is paid per host (a 100-port scan of an answering host made 64 sockets for its first window),
 and with hundreds of hosts scanned at once the loop woke once per host for what one wake-up
-could do. So the hosts being scanned share one engine, owned by the scan pipeline (or made
-for one call by `scan_host`):
+could do. So the hosts being scanned share one engine per process: each scanner process has
+one (exporter.scanner.processes), the daemon's own process has one when it scans itself, and
+`scan_host` makes one for a call without an engine:
 
 - ONE epoll set holds every probe socket of every host, and only its descriptor is
   registered with the event loop: one readiness callback reports a batch of finished
